@@ -1,0 +1,67 @@
+"""Read-only views of the fleet: models, nodes, eligible nodes and the node-aware `/health`."""
+
+from __future__ import annotations
+
+import trio
+
+from lb.cluster.registry import Registry
+from lb.http.errors import HTTPError
+from lb.http.routes import Router
+from lb.http.types import Request, Response
+
+CREATED = 1700000000  # OpenAI's list shape needs a timestamp; the node's own is not shared
+
+
+def _model_entry(model: str, registry: Registry) -> dict[str, object]:
+    return {
+        "id": model,
+        "object": "model",
+        "created": CREATED,
+        "owned_by": "lb",
+        "nodes": [node.key for node in registry.serving(model)],
+    }
+
+
+def add_routes(router: Router, registry: Registry, min_healthy: int) -> None:
+    async def list_models(request: Request) -> Response:
+        data = [_model_entry(model, registry) for model in registry.models()]
+        return Response.json({"object": "list", "data": data})
+
+    async def get_model(request: Request) -> Response:
+        model = request.path_params["model"]
+        if not registry.serving(model):
+            raise HTTPError(404, f"The model '{model}' does not exist", code="model_not_found",
+                            param="model")
+        return Response.json(_model_entry(model, registry))
+
+    async def list_nodes(request: Request) -> Response:
+        now = trio.current_time()
+        return Response.json({"nodes": [node.describe(now) for node in registry.nodes.values()]})
+
+    async def eligible_nodes(request: Request) -> Response:
+        model = request.query_params().get("model")
+        if not model:
+            raise HTTPError(400, "Query parameter 'model' is required", code="missing_parameter",
+                            param="model")
+        now = trio.current_time()
+        nodes = [
+            node.describe(now) for node in registry.serving(model)
+            if node.breaker.allows(now)
+        ]
+        return Response.json({"model": model, "nodes": nodes})
+
+    async def health(request: Request) -> Response:
+        found = len(registry.healthy_nodes())
+        ok = found >= min_healthy
+        body = {
+            "status": "ok" if ok else "unhealthy",
+            "nodes_found": found,
+            "minimum_required": min_healthy,
+        }
+        return Response.json(body, status=200 if ok else 503)
+
+    router.add("GET", "/v1/models", list_models)
+    router.add("GET", "/v1/models/{model}", get_model)
+    router.add("GET", "/v1/nodes", list_nodes)
+    router.add("GET", "/v1/eligible_nodes", eligible_nodes)
+    router.add("GET", "/health", health)

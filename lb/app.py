@@ -1,0 +1,129 @@
+"""Wires the parts together and runs the root nursery of `lb serve`."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+
+import trio
+
+import attrs
+
+from lb.api import health, nodes, proxy
+from lb.cluster.node import Node
+from lb.cluster.refresh import refresh_at_start, refresh_forever
+from lb.cluster.registry import Registry
+from lb.config import ConfigError, NodeConfig, Settings
+from lb.http.routes import Router
+from lb.http.server import HTTPServer, ServerLimits
+from lb.routing.dispatch import Dispatcher
+from lb.supervise import supervise
+
+log = logging.getLogger("lb")
+
+FORCED_EXIT = 1
+
+
+def server_limits(settings: Settings) -> ServerLimits:
+    return ServerLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_body_bytes=settings.max_body_bytes,
+        header_timeout=settings.header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+    )
+
+
+async def open_listeners(settings: Settings) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(settings.port, host=settings.host)
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(
+            f"LOAD_BALANCER_PORT={settings.port}: cannot listen on {settings.host}: {reason}"
+        ) from None
+
+
+async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
+    """Two mock nodes in this process, sharing one chat model and each with one of its own."""
+    from lb.testing import MockNode
+
+    specs = [
+        ("demo-a", ("llama-3.1-8b-demo", "nomic-embed-text-demo")),
+        ("demo-b", ("llama-3.1-8b-demo", "qwen3-0.6b-demo")),
+    ]
+    nodes = []
+    for name, models in specs:
+        mock = MockNode(models=models, name=name, ttft_ms=40, itl_ms=15, tokens=16)
+        port = await nursery.start(mock.serve, "127.0.0.1", 0)
+        nodes.append(NodeConfig(url=f"http://127.0.0.1:{port}"))
+        log.info("demo node %s on 127.0.0.1:%d serves %s", name, port, ", ".join(models))
+    return tuple(nodes)
+
+
+def build_registry(settings: Settings) -> Registry:
+    return Registry(
+        Node.create(
+            config,
+            capacity=settings.maxconn_for(config),
+            breaker_threshold=settings.breaker_threshold,
+            breaker_ttl=settings.breaker_ttl,
+        )
+        for config in settings.nodes
+    )
+
+
+def build_router(settings: Settings, registry: Registry, server: HTTPServer) -> Router:
+    router = Router()
+    health.add_routes(router, lambda: server.draining)
+    nodes.add_routes(router, registry, settings.min_healthy_nodes)
+    proxy.add_routes(router, Dispatcher(registry, settings))
+    return router
+
+
+async def serve(
+    settings: Settings,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run until drained by a signal (or cancelled); returns the process exit code."""
+    listeners = await open_listeners(settings)
+    forced = False
+    async with trio.open_nursery() as root:
+        if settings.demo:
+            demo_nodes = await start_demo_nodes(root)
+            settings = attrs.evolve(settings, nodes=(*settings.nodes, *demo_nodes))
+        registry = build_registry(settings)
+        await refresh_at_start(registry, settings.health_check_timeout)
+        root.start_soon(
+            supervise, "model-refresh",
+            lambda: refresh_forever(registry, settings.scan_interval, settings.health_check_timeout),
+        )
+        server = HTTPServer(Router(), server_limits(settings))
+        server.handler = build_router(settings, registry, server)
+
+        async def watch_signals() -> None:
+            nonlocal forced
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    if not server.draining:
+                        log.info(
+                            "%s: draining (up to %.0fs)", signal.Signals(signum).name,
+                            settings.drain_timeout,
+                        )
+                        server.drain(settings.drain_timeout)
+                    else:
+                        log.warning("second signal: exiting now")
+                        forced = True
+                        server.stop()
+
+        if handle_signals:
+            root.start_soon(watch_signals)
+        async with trio.open_nursery() as front:
+            port = await front.start(server.serve, listeners)
+            shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+            print(f"lb listening on http://{shown}:{port}", flush=True)
+            task_status.started(port)
+        root.cancel_scope.cancel()
+    return FORCED_EXIT if forced else 0

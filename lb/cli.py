@@ -1,0 +1,106 @@
+"""The `lb` command line: builds settings and calls trio.run; no logic of its own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+import trio
+
+from lb.config import ConfigError, load_settings
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str) -> None:
+    click.echo(f"lb: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="lb")
+def main() -> None:
+    """lb: one OpenAI-compatible endpoint in front of many LLM nodes."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [env HOST; 0.0.0.0]")
+@click.option("--port", default=None, help="Port [env LOAD_BALANCER_PORT; 8000]")
+@click.option("--node", "nodes", multiple=True, help="Upstream node URL (repeatable) [env LB_NODES]")
+@click.option("--config", "config_file", default=None, help="YAML settings file [env LB_CONFIG]")
+@click.option("--demo", is_flag=True, default=None, help="Start two mock nodes in this process")
+@click.option("--log-level", default=None, help="debug, info, warning, error [env LB_LOG_LEVEL]")
+def serve(
+    host: str | None, port: str | None, nodes: tuple[str, ...], config_file: str | None,
+    demo: bool | None, log_level: str | None,
+) -> None:
+    """Run the load balancer."""
+    flags: dict[str, Any] = {
+        "host": host, "port": port, "nodes": list(nodes) or None, "demo": demo,
+        "log_level": log_level,
+    }
+    try:
+        settings = load_settings(
+            config_file=config_file or os.environ.get("LB_CONFIG"), env=os.environ, flags=flags
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+    _setup_logging(settings.log_level)
+    from lb.app import serve as run_server
+
+    try:
+        code = trio.run(run_server, settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, type=int, help="0 picks a free port")
+@click.option("--model", "models", multiple=True, help="Model id to serve (repeatable)")
+@click.option("--ttft-ms", default=0.0, type=float, show_default=True)
+@click.option("--itl-ms", default=0.0, type=float, show_default=True)
+@click.option("--tokens", default=8, type=int, show_default=True)
+@click.option("--embedding-dim", default=64, type=int, show_default=True)
+@click.option("--fault", default="", help="Node-wide fault, e.g. 'status=503,rate=0.2'")
+@click.option("--name", default="mock", show_default=True)
+def mock(
+    host: str, port: int, models: tuple[str, ...], ttft_ms: float, itl_ms: float, tokens: int,
+    embedding_dim: int, fault: str, name: str,
+) -> None:
+    """Run a mock OpenAI-compatible LLM node (for tests, benchmarks and demos)."""
+    from lb.testing import MockNode
+    from lb.testing.faults import parse_fault
+
+    if fault:
+        try:
+            parse_fault(fault)
+        except ValueError as exc:
+            _fail(f"--fault={fault!r}: {exc}")
+    node = MockNode(
+        models=models or ("mock-model",), ttft_ms=ttft_ms, itl_ms=itl_ms, tokens=tokens,
+        embedding_dim=embedding_dim, fault=fault, name=name,
+    )
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                bound = await nursery.start(node.serve, host, port)
+            except OSError as exc:
+                _fail(f"--port={port}: cannot listen on {host}: {exc.strerror}")
+            print(f"lb mock listening on http://{host}:{bound}", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,87 @@
+"""A node's live state in this process: models, health, capacity, breaker, connection pool."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import trio
+
+from lb.cluster.breaker import CircuitBreaker
+from lb.config import NodeConfig
+from lb.upstream.client import ConnectionPool
+
+
+def _limiter_size(capacity: int) -> float:
+    return capacity if capacity > 0 else math.inf
+
+
+@attrs.define(eq=False)
+class Node:
+    config: NodeConfig
+    limiter: trio.CapacityLimiter
+    breaker: CircuitBreaker
+    pool: ConnectionPool
+    models: tuple[str, ...] = ()
+    healthy: bool = False
+    requests: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+    @classmethod
+    def create(
+        cls, config: NodeConfig, *, capacity: int, breaker_threshold: int, breaker_ttl: float
+    ) -> Node:
+        return cls(
+            config=config,
+            limiter=trio.CapacityLimiter(_limiter_size(capacity)),
+            breaker=CircuitBreaker(threshold=breaker_threshold, ttl=breaker_ttl),
+            pool=ConnectionPool(config.url),
+        )
+
+    @property
+    def key(self) -> str:
+        return self.config.key
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def weight(self) -> float:
+        return self.config.weight
+
+    @property
+    def inflight(self) -> int:
+        return self.limiter.borrowed_tokens
+
+    @property
+    def capacity(self) -> int:
+        """The concurrency cap; 0 means none."""
+        total = self.limiter.total_tokens
+        return 0 if total == math.inf else int(total)
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        self.limiter.total_tokens = _limiter_size(value)
+
+    def is_full(self) -> bool:
+        return self.limiter.available_tokens < 1
+
+    def describe(self, now: float) -> dict[str, object]:
+        """The node as `/v1/nodes` shows it."""
+        return {
+            "node": self.key,
+            "url": self.url,
+            "models": list(self.models),
+            "healthy": self.healthy,
+            "inflight": self.inflight,
+            "maxconn": self.capacity,
+            "weight": self.weight,
+            "labels": dict(self.config.labels),
+            "requests": self.requests,
+            "failures": self.failures,
+            "consecutive_failures": self.breaker.consecutive_failures,
+            "breaker": self.breaker.state(now).name.lower(),
+            "last_error": self.last_error,
+        }

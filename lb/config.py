@@ -1,0 +1,318 @@
+"""Settings: one frozen object built from defaults <- YAML file <- environment <- flags.
+
+Every setting is declared once in `SETTINGS` with its YAML key, its environment name (the names
+of the systems lb replaces, so their users need not relearn) and a parser that turns text or a
+YAML value into the typed value, or says precisely what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the setting and the value."""
+
+
+@attrs.frozen
+class NodeConfig:
+    url: str  # scheme://host:port[/prefix], normalised, without a trailing slash
+    maxconn: int | None = None  # None: DEFAULT_MAXCONN / MAXCONN_MAP decide
+    weight: float = 1.0
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def key(self) -> str:
+        """host:port, the name a node goes by in headers, MAXCONN_MAP and `?node=`."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port}"
+
+
+# --- parsers: (value from YAML, env or flag) -> typed value, or ValueError with a reason ---
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError("expected text")
+    return str(value).strip()
+
+
+def _int(minimum: int = 0) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        try:
+            number = int(value) if not isinstance(value, str) else int(value.strip(), 10)
+        except (TypeError, ValueError):
+            raise ValueError("expected a whole number") from None
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return number
+
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a finite number of seconds >= 0")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = _int(0)(value)
+    if number > 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _text(value).upper()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _log_level(value: Any) -> str:
+    return _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(value).lower()
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A list of names, from a YAML list or a comma/semicolon separated string."""
+    if isinstance(value, list | tuple):
+        return tuple(_text(item) for item in value if _text(item))
+    text = _text(value).replace(";", ",")
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def node_url(value: Any) -> str:
+    text = _text(value)
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError("malformed URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("URL scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError("URL has no host")
+    if parts.query or parts.fragment:
+        raise ValueError("URL may not have a query or fragment")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def _node(value: Any) -> NodeConfig:
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"url", "maxconn", "weight", "labels"}
+        if unknown:
+            raise ValueError(f"unknown node field {sorted(unknown)[0]!r}")
+        if "url" not in value:
+            raise ValueError("node needs a url")
+        maxconn = value.get("maxconn")
+        weight = float(value.get("weight", 1.0))
+        if weight <= 0 or not math.isfinite(weight):
+            raise ValueError("node weight must be > 0")
+        labels = value.get("labels") or {}
+        if not isinstance(labels, Mapping):
+            raise ValueError("node labels must be a mapping")
+        return NodeConfig(
+            url=node_url(value["url"]),
+            maxconn=None if maxconn is None else _int(0)(maxconn),
+            weight=weight,
+            labels={str(k): str(v) for k, v in labels.items()},
+        )
+    return NodeConfig(url=node_url(value))
+
+
+def _nodes(value: Any) -> tuple[NodeConfig, ...]:
+    items = value if isinstance(value, list | tuple) else _names(value)
+    nodes = tuple(_node(item) for item in items)
+    keys = [node.key for node in nodes]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"node {duplicates[0]} is listed twice")
+    return nodes
+
+
+def _maxconn_map(value: Any) -> Mapping[str, int]:
+    """`host:port=N,host2:port=M` (or a YAML mapping) -> {host:port: N}."""
+    if isinstance(value, Mapping):
+        pairs = [(str(k), v) for k, v in value.items()]
+    else:
+        pairs = []
+        for item in _names(value):
+            key, sep, number = item.rpartition("=")
+            if not sep or not key:
+                raise ValueError(f"expected host:port=N, got {item!r}")
+            pairs.append((key.strip(), number))
+    result = {}
+    for key, number in pairs:
+        if ":" not in key:
+            raise ValueError(f"expected host:port=N, got {key!r}")
+        result[key] = _int(0)(number)
+    return result
+
+
+@attrs.frozen
+class Setting:
+    name: str  # attribute and YAML key
+    env: str | None
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "HOST", _text, "Address to listen on"),
+    Setting("port", "LOAD_BALANCER_PORT", _port, "Port to listen on"),
+    Setting("nodes", "LB_NODES", _nodes, "Upstream node URLs (comma separated)"),
+    Setting("log_level", "LB_LOG_LEVEL", _log_level, "debug, info, warning, error"),
+    Setting("max_body_bytes", "LB_MAX_BODY_BYTES", _int(1), "Largest request body (413 above)"),
+    Setting("max_header_bytes", "LB_MAX_HEADER_BYTES", _int(1024), "Largest header block (431)"),
+    Setting("header_timeout", "LB_HEADER_TIMEOUT_SECS", _seconds, "Time to send a request (408)"),
+    Setting("keepalive_timeout", "LB_KEEPALIVE_SECS", _seconds, "Idle keep-alive connection life"),
+    Setting("drain_timeout", "LB_DRAIN_SECS", _seconds, "Grace for requests in flight on SIGTERM"),
+    Setting("routing_strategy", "ROUTING_STRATEGY",
+            _choice("ROUND_ROBIN", "RANDOM", "LEAST_LOADED"), "How a node is chosen"),
+    Setting("request_timeout", "REQUEST_TIMEOUT_SECS", _seconds, "One deadline per request (504)"),
+    Setting("attempt_timeout", "ATTEMPT_TIMEOUT_SECS", _seconds,
+            "Time for a node to send response headers"),
+    Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT_SECS", _seconds,
+            "Longest gap between two stream chunks"),
+    Setting("max_retries", "MAX_RETRIES", _int(0), "Retries on other nodes after a failure"),
+    Setting("breaker_threshold", "CIRCUIT_BREAKER_THRESHOLD", _int(0),
+            "Consecutive failures that open a node's breaker (0 = off)"),
+    Setting("breaker_ttl", "CIRCUIT_BREAKER_TTL_SECS", _seconds, "How long a breaker stays open"),
+    Setting("default_maxconn", "DEFAULT_MAXCONN", _int(0), "Per-node concurrency cap (0 = none)"),
+    Setting("maxconn_map", "MAXCONN_MAP", _maxconn_map, "Per-node caps: host:port=N,..."),
+    Setting("queue_timeout", "QUEUE_TIMEOUT_SECS", _seconds,
+            "Wait for a free node slot before 429"),
+    Setting("model_sentinels", "MODEL_SENTINELS", _names, "Model names that mean 'pick one'"),
+    Setting("lm_model", "LM_MODEL", _text, "One more sentinel"),
+    Setting("preferred_models", "PREFERRED_MODELS", _names, "Priority list for sentinels"),
+    Setting("scan_interval", "SCAN_INTERVAL", _seconds, "Seconds between model-list refreshes"),
+    Setting("health_check_timeout", "HEALTH_CHECK_TIMEOUT_SECONDS", _seconds,
+            "Time a node has to answer a probe"),
+    Setting("min_healthy_nodes", "MIN_HEALTHY_NODES", _int(0), "/health is 503 below this"),
+    Setting("demo", None, _bool, "Start two mock nodes in the same process"),
+)
+
+
+@attrs.frozen
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    nodes: tuple[NodeConfig, ...] = ()
+    log_level: str = "info"
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 30.0
+    drain_timeout: float = 30.0
+    routing_strategy: str = "LEAST_LOADED"
+    request_timeout: float = 600.0
+    attempt_timeout: float = 60.0
+    stream_idle_timeout: float = 120.0
+    max_retries: int = 2
+    breaker_threshold: int = 3
+    breaker_ttl: float = 30.0
+    default_maxconn: int = 0
+    maxconn_map: Mapping[str, int] = attrs.field(factory=dict)
+    queue_timeout: float = 0.0
+    model_sentinels: tuple[str, ...] = ("auto", "default")
+    lm_model: str = ""
+    preferred_models: tuple[str, ...] = ()
+    scan_interval: float = 10.0
+    health_check_timeout: float = 5.0
+    min_healthy_nodes: int = 1
+    demo: bool = False
+
+    @property
+    def sentinels(self) -> frozenset[str]:
+        names = {name.lower() for name in self.model_sentinels}
+        if self.lm_model:
+            names.add(self.lm_model.lower())
+        return frozenset(names)
+
+    def maxconn_for(self, node: NodeConfig) -> int:
+        if node.maxconn is not None:
+            return node.maxconn
+        return self.maxconn_map.get(node.key, self.default_maxconn)
+
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def _parse(setting: Setting, value: Any, source: str) -> Any:
+    try:
+        return setting.parse(value)
+    except (ValueError, TypeError) as exc:
+        label = setting.env if source == "environment" and setting.env else setting.name
+        raise ConfigError(f"{source}: {label}={value!r}: {exc}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings at the top")
+    return data
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults <- YAML <- environment <- flags; flags that are None are not given."""
+    values: dict[str, Any] = {}
+    if config_file:
+        for key, value in read_yaml(config_file).items():
+            setting = _BY_NAME.get(str(key))
+            if setting is None:
+                raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
+            values[setting.name] = _parse(setting, value, f"config file {config_file}")
+    for setting in SETTINGS:
+        if env and setting.env and env.get(setting.env) not in (None, ""):
+            values[setting.name] = _parse(setting, env[setting.env], "environment")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _parse(_BY_NAME[name], value, "flag")
+    return Settings(**values)

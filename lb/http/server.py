@@ -1,0 +1,348 @@
+"""The h11 HTTP/1.1 server: one task per connection, keep-alive, limits, client-disconnect
+cancellation and graceful drain.
+
+Each connection runs a keep-alive loop: wait for a request head (bounded by the keep-alive
+and header timeouts), read the body (bounded by size and by the same timeout between reads),
+then run the handler in a per-request nursery next to a watcher that reads the socket. When
+the watcher sees EOF the client has gone, and the handler's scope is cancelled — this is how a
+disconnect reaches the upstream call, streaming or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from lb.http.errors import HTTPError, error_response
+from lb.http.types import Handler, Request, Response
+
+log = logging.getLogger("lb.http")
+
+READ_SIZE = 65536
+# How many bytes of a pipelined next request the disconnect watcher may buffer before it stops
+# reading (and with it, stops noticing disconnects) until the current response is done.
+MAX_PIPELINED_BYTES = 256 * 1024
+LINGER_SECS = 1.0
+
+
+@attrs.frozen
+class ServerLimits:
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 30.0
+
+
+class _ClientGone(Exception):
+    """The client closed its side before its response was complete."""
+
+
+class _Timeout(Exception):
+    """The client was too slow sending its request."""
+
+
+@attrs.define(eq=False)
+class _Connection:
+    stream: trio.SocketStream
+    h11: h11.Connection
+    client: str
+
+    async def send(self, *events: Any) -> None:
+        data = b"".join(self.h11.send(event) or b"" for event in events if event is not None)
+        await self.stream.send_all(data)
+
+    async def next_event(self, deadline: float) -> Any:
+        """The next h11 event, reading from the socket as needed until `deadline`."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_at(deadline):
+                self.h11.receive_data(await self.stream.receive_some(READ_SIZE))
+                continue
+            raise _Timeout
+
+    def has_buffered_bytes(self) -> bool:
+        data, closed = self.h11.trailing_data
+        return bool(data) or closed
+
+
+class HTTPServer:
+    """Serves `handler` on listeners until drained."""
+
+    def __init__(self, handler: Handler, limits: ServerLimits | None = None) -> None:
+        self.handler = handler
+        self.limits = limits or ServerLimits()
+        self.draining = False
+        self._accept_scope: trio.CancelScope | None = None
+        self._connections_scope: trio.CancelScope | None = None
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self._listeners: list[trio.SocketListener] = []
+
+    async def serve_tcp(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on host:port and serve; `nursery.start` returns the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        await self.serve(listeners, task_status=task_status)
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._listeners = list(listeners)
+        async with trio.open_nursery() as connections:
+            self._connections_scope = connections.cancel_scope
+            with trio.CancelScope() as accept_scope:
+                self._accept_scope = accept_scope
+                port = self._listeners[0].socket.getsockname()[1]
+                async with trio.open_nursery() as accepts:
+                    for listener in self._listeners:
+                        accepts.start_soon(self._accept_loop, listener, connections)
+                    task_status.started(port)
+            # Closing the listening sockets makes new connections fail at once.
+            for listener in self._listeners:
+                await listener.aclose()
+
+    @property
+    def ports(self) -> list[int]:
+        return [listener.socket.getsockname()[1] for listener in self._listeners]
+
+    def drain(self, timeout: float) -> None:
+        """Stop accepting, close idle connections, give requests in flight `timeout` seconds."""
+        self.draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        if self._connections_scope is not None:
+            self._connections_scope.deadline = trio.current_time() + timeout
+        for scope in list(self._idle_scopes):
+            scope.cancel()
+
+    def stop(self) -> None:
+        """Cancel everything now."""
+        self.draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        if self._connections_scope is not None:
+            self._connections_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # Out of file descriptors and the like: wait and keep serving the others.
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            client = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            client = "?"
+        conn = _Connection(
+            stream, h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
+            client,
+        )
+        try:
+            await self._keepalive_loop(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
+            pass
+        except Exception:
+            log.exception("connection %s failed", client)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _keepalive_loop(self, conn: _Connection) -> None:
+        first = True
+        while not self.draining or conn.has_buffered_bytes():
+            request = await self._read_request(conn, first)
+            if request is None:
+                return
+            first = False
+            keep_going = await self._respond(conn, request)
+            if not keep_going:
+                return
+            conn.h11.start_next_cycle()
+
+    async def _read_request(self, conn: _Connection, first: bool) -> Request | None:
+        """Read one request, or answer the error and return None (the connection then closes)."""
+        limits = self.limits
+        try:
+            if not conn.has_buffered_bytes():
+                # Idle: a new connection gets the header timeout, a kept-alive one the
+                # keep-alive timeout; draining cancels the wait.
+                wait = limits.header_timeout if first else limits.keepalive_timeout
+                with trio.move_on_after(wait) as idle:
+                    self._idle_scopes.add(idle)
+                    try:
+                        data = await conn.stream.receive_some(READ_SIZE)
+                    finally:
+                        self._idle_scopes.discard(idle)
+                if idle.cancelled_caught:
+                    if first and not self.draining:
+                        await self._send_error(conn, 408, "Timed out waiting for the request")
+                    return None
+                conn.h11.receive_data(data)
+
+            event = await conn.next_event(trio.current_time() + limits.header_timeout)
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            assert isinstance(event, h11.Request)
+            return await self._read_body(conn, event)
+        except _Timeout:
+            await self._send_error(conn, 408, "Timed out reading the request", "request_timeout")
+            return None
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status == 431:
+                message = f"Request header block is larger than {limits.max_header_bytes} bytes"
+            else:
+                message = f"Malformed request: {exc}"
+            await self._send_error(conn, status, message)
+            return None
+        except HTTPError as exc:
+            await self._send_error(conn, exc.status, exc.message, exc.code)
+            return None
+
+    async def _read_body(self, conn: _Connection, head: h11.Request) -> Request:
+        max_body = self.limits.max_body_bytes
+        length = _content_length(head.headers)
+        if length is not None and length > max_body:
+            raise HTTPError(413, _too_large(max_body), code="request_too_large")
+        if conn.h11.they_are_waiting_for_100_continue:
+            await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+        chunks: list[bytes] = []
+        size = 0
+        idle = self.limits.header_timeout
+        while True:
+            event = await conn.next_event(trio.current_time() + idle)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > max_body:
+                    raise HTTPError(413, _too_large(max_body), code="request_too_large")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _ClientGone
+        target = head.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        return Request(
+            method=head.method.decode("ascii"),
+            path=path,
+            query=query,
+            headers=list(head.headers),
+            body=b"".join(chunks),
+            client=conn.client,
+        )
+
+    async def _respond(self, conn: _Connection, request: Request) -> bool:
+        """Run the handler and send its response; True if the connection can be reused."""
+        client_gone = False
+
+        async def watch_disconnect(cancel: trio.CancelScope) -> None:
+            nonlocal client_gone
+            while len(conn.h11.trailing_data[0]) < MAX_PIPELINED_BYTES:
+                data = await conn.stream.receive_some(READ_SIZE)
+                conn.h11.receive_data(data)
+                if not data:
+                    client_gone = True
+                    cancel.cancel()
+                    return
+            await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            if not conn.h11.trailing_data[1]:
+                nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+            await self._run_handler(conn, request)
+            nursery.cancel_scope.cancel()
+        if client_gone:
+            raise _ClientGone
+        return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
+
+    async def _run_handler(self, conn: _Connection, request: Request) -> None:
+        try:
+            response = await self.handler(request)
+        except HTTPError as exc:
+            response = exc.response()
+        except Exception:
+            log.exception("handler failed for %s %s", request.method, request.path)
+            response = error_response(500, "Internal error in lb", code="internal_error")
+        await self._send_response(conn, request, response)
+
+    async def _send_response(self, conn: _Connection, request: Request, response: Response) -> None:
+        headers = response.headers
+        if self.draining:
+            headers = [*headers, (b"connection", b"close")]
+        head_only = request.method == "HEAD"
+        if response.stream is None:
+            if not head_only:
+                headers = [*headers, (b"content-length", str(len(response.body)).encode())]
+            await conn.send(
+                h11.Response(status_code=response.status, headers=headers),
+                h11.Data(data=response.body) if response.body and not head_only else None,
+                h11.EndOfMessage(),
+            )
+            return
+        await conn.send(h11.Response(status_code=response.status, headers=headers))
+        if not head_only:
+
+            async def send(data: bytes) -> None:
+                if data:
+                    await conn.stream.send_all(conn.h11.send(h11.Data(data=data)))
+
+            await response.stream(send)
+        await conn.send(h11.EndOfMessage())
+
+    async def _send_error(
+        self, conn: _Connection, status: int, message: str, code: str | None = None
+    ) -> None:
+        """Answer an error on a connection that is about to close, if h11 still allows it."""
+        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        response = error_response(status, message, code=code)
+        headers = [
+            *response.headers,
+            (b"content-length", str(len(response.body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            await conn.send(
+                h11.Response(status_code=status, headers=headers),
+                h11.Data(data=response.body),
+                h11.EndOfMessage(),
+            )
+            await _linger(conn.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then read and drop what the client still sends for a moment, so that the
+    kernel does not answer unread request bytes with a reset that destroys our response."""
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_SECS):
+        while await stream.receive_some(READ_SIZE):
+            pass
+
+
+def _content_length(headers: Any) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _too_large(limit: int) -> str:
+    return f"Request body is larger than the limit of {limit} bytes"
