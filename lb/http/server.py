@@ -295,14 +295,39 @@ class HTTPServer:
                 h11.EndOfMessage(),
             )
             return
-        await conn.send(h11.Response(status_code=response.status, headers=headers))
-        if not head_only:
+        if head_only:
+            await conn.send(h11.Response(status_code=response.status, headers=headers))
+            await conn.send(h11.EndOfMessage())
+            return
+        # The head goes out with the first body bytes, so until then the writer may still set
+        # the status and headers, or raise HTTPError for an ordinary error response.
+        started = False
+        draining = self.draining
 
-            async def send(data: bytes) -> None:
-                if data:
-                    await conn.stream.send_all(conn.h11.send(h11.Data(data=data)))
+        async def send(data: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                head = response.headers
+                if draining:
+                    head = [*head, (b"connection", b"close")]
+                await conn.send(
+                    h11.Response(status_code=response.status, headers=head),
+                    h11.Data(data=data) if data else None,
+                )
+            elif data:
+                await conn.stream.send_all(conn.h11.send(h11.Data(data=data)))
 
+        try:
             await response.stream(send)
+        except HTTPError as exc:
+            if started:
+                raise
+            error = exc.response()
+            await self._send_response(conn, request, error)
+            return
+        if not started:
+            await send(b"")
         await conn.send(h11.EndOfMessage())
 
     async def _send_error(

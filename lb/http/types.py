@@ -12,7 +12,9 @@ import orjson
 Headers = list[tuple[bytes, bytes]]
 SendBody = Callable[[bytes], Awaitable[None]]
 # A streamed body is written by a coroutine that the server calls with a `send` function.
-# It runs inside the request's cancel scope, so a client disconnect cancels it.
+# It runs inside the request's cancel scope, so a client disconnect cancels it. The response
+# head is sent with the first `send`: until then the writer may still change the Response's
+# status and headers, or raise HTTPError to answer an ordinary error instead.
 StreamBody = Callable[[SendBody], Awaitable[None]]
 
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
