@@ -302,14 +302,13 @@ class HTTPServer:
         # The head goes out with the first body bytes, so until then the writer may still set
         # the status and headers, or raise HTTPError for an ordinary error response.
         started = False
-        draining = self.draining
 
         async def send(data: bytes) -> None:
             nonlocal started
             if not started:
                 started = True
                 head = response.headers
-                if draining:
+                if self.draining:
                     head = [*head, (b"connection", b"close")]
                 await conn.send(
                     h11.Response(status_code=response.status, headers=head),
