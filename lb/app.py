@@ -6,9 +6,8 @@ import errno
 import logging
 import signal
 
-import trio
-
 import attrs
+import trio
 
 from lb.api import health, nodes, proxy
 from lb.cluster.node import Node
@@ -98,7 +97,9 @@ async def serve(
         await refresh_at_start(registry, settings.health_check_timeout)
         root.start_soon(
             supervise, "model-refresh",
-            lambda: refresh_forever(registry, settings.scan_interval, settings.health_check_timeout),
+            lambda: refresh_forever(
+                registry, settings.scan_interval, settings.health_check_timeout
+            ),
         )
         server = HTTPServer(Router(), server_limits(settings))
         server.handler = build_router(settings, registry, server)

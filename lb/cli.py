@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -35,7 +36,9 @@ def main() -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [env HOST; 0.0.0.0]")
 @click.option("--port", default=None, help="Port [env LOAD_BALANCER_PORT; 8000]")
-@click.option("--node", "nodes", multiple=True, help="Upstream node URL (repeatable) [env LB_NODES]")
+@click.option(
+    "--node", "nodes", multiple=True, help="Upstream node URL (repeatable) [env LB_NODES]"
+)
 @click.option("--config", "config_file", default=None, help="YAML settings file [env LB_CONFIG]")
 @click.option("--demo", is_flag=True, default=None, help="Start two mock nodes in this process")
 @click.option("--log-level", default=None, help="debug, info, warning, error [env LB_LOG_LEVEL]")
@@ -100,7 +103,5 @@ def mock(
                 _fail(f"--port={port}: cannot listen on {host}: {exc.strerror}")
             print(f"lb mock listening on http://{host}:{bound}", flush=True)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(run)
-    except KeyboardInterrupt:
-        pass

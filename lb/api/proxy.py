@@ -27,7 +27,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        message = f"Request body is not valid JSON: {exc}"
+        raise HTTPError(400, message, code="invalid_json") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "Request body must be a JSON object", code="invalid_json")
     return body

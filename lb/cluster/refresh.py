@@ -54,13 +54,13 @@ async def refresh_once(registry: Registry, client: httpx.AsyncClient) -> None:
             nursery.start_soon(bounded, node)
 
 
-async def refresh_forever(registry: Registry, interval: float, timeout: float) -> None:
-    async with httpx.AsyncClient(timeout=timeout) as client:
+async def refresh_forever(registry: Registry, interval: float, probe_timeout: float) -> None:
+    async with httpx.AsyncClient(timeout=probe_timeout) as client:
         while True:
             await trio.sleep(interval)
             await refresh_once(registry, client)
 
 
-async def refresh_at_start(registry: Registry, timeout: float) -> None:
-    async with httpx.AsyncClient(timeout=timeout) as client:
+async def refresh_at_start(registry: Registry, probe_timeout: float) -> None:
+    async with httpx.AsyncClient(timeout=probe_timeout) as client:
         await refresh_once(registry, client)

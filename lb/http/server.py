@@ -150,10 +150,8 @@ class HTTPServer:
             client = f"{peer[0]}:{peer[1]}"
         except OSError:
             client = "?"
-        conn = _Connection(
-            stream, h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
-            client,
-        )
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        conn = _Connection(stream, parser, client)
         try:
             await self._keepalive_loop(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
