@@ -129,7 +129,10 @@ def node_url(value: Any) -> str:
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
+    path = parts.path.rstrip("/")
+    # An OpenAI-style base URL ends in /v1; lb adds /v1/... itself.
+    path = path.removesuffix("/v1")
+    return f"{parts.scheme}://{host}:{port}{path}"
 
 
 def _node(value: Any) -> NodeConfig:
