@@ -1,0 +1,649 @@
+"""The mock upstream LLM node: an OpenAI-compatible server with knobs for latency and faults.
+
+It stands in for LM Studio, Ollama, llama.cpp or vLLM in lb's tests, benchmarks and demo, so
+it must be cheap per request: no logging, answers built from precomputed byte fragments where
+the shape is fixed (stream chunks), and orjson for the rest.
+
+Endpoints: `GET /v1/models`, `GET /api/tags` (Ollama discovery), `GET /health`,
+`POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`, and the control
+endpoints `GET /mock/stats`, `POST /mock/reset`, `GET|POST /mock/fault`, `GET /mock/requests`.
+Faults (see lb.testing.faults) apply node-wide or per request (header `x-mock-fault`, which
+wins); control endpoints are never faulted, counted or recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import itertools
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from lb.http.errors import HTTPError
+from lb.http.routes import Router
+from lb.http.server import HTTPServer, ServerLimits
+from lb.http.sse import DONE, SSE_HEADERS
+from lb.http.types import JSON_HEADERS, Handler, Request, Response, SendBody, StreamBody
+from lb.testing.embeddings import embed, embed_tokens, to_base64, words
+from lb.testing.faults import FaultSpec, FaultSpecError, parse_fault
+
+RECENT_REQUESTS = 50
+MAX_EMBEDDING_DIM = 8192
+# The answer text: `tokens` of these words, cycled (deltas carry a leading space after the first).
+WORDS = (
+    "Lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do",
+    "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua", "Ut",
+    "enim", "ad", "minim", "veniam", "quis", "nostrud", "exercitation", "ullamco", "laboris",
+    "nisi", "aliquip", "ex", "ea", "commodo", "consequat",
+)
+_MODEL_CREATED = 1_700_000_000
+
+
+class DropConnection(trio.BrokenResourceError):
+    """Raised from a stream writer so that the server closes the connection mid-answer.
+
+    A BrokenResourceError so that a server which treats broken connections as routine closes
+    it quietly; the client sees a truncated chunked body.
+    """
+
+
+@attrs.define
+class MockStats:
+    """Counters of API requests (control endpoints excluded)."""
+
+    requests: int = 0
+    by_path: dict[str, int] = attrs.field(factory=dict)
+    concurrent: int = 0
+    max_concurrent: int = 0
+    disconnects: int = 0  # the client went away before the answer was complete
+    completed: int = 0  # answered in full, whatever the status
+    errors: int = 0  # of those, answers with status >= 400
+    faults_injected: int = 0  # requests a fault spec was applied to (after `rate`)
+    dropped: int = 0  # connections closed on purpose by `drop-after`
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    def reset(self) -> None:
+        """Zero the counters; requests in flight stay counted in `concurrent`."""
+        in_flight = self.concurrent
+        for field in attrs.fields(MockStats):
+            setattr(self, field.name, field.default)
+        self.by_path = {}
+        self.concurrent = self.max_concurrent = in_flight
+
+
+@attrs.define(slots=True)
+class _Knobs:
+    """The effective per-request settings: node defaults with the fault's overrides."""
+
+    ttft: float  # seconds
+    itl: float  # seconds
+    tokens: int
+    drop_after: int | None
+
+
+_Endpoint = Callable[[Request, _Knobs], Awaitable[Response]]
+
+
+def _check_fault(_node: Any, _attr: Any, value: str) -> None:
+    parse_fault(value)
+
+
+def _to_models(value: Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@attrs.define(eq=False)
+class MockNode:
+    """One fake LLM server. `handler` is its Router; `serve` listens on host:port."""
+
+    models: Sequence[str] = attrs.field(default=("mock-model",), converter=_to_models)
+    ttft_ms: float = 0
+    itl_ms: float = 0
+    tokens: int = 8
+    embedding_dim: int = 64
+    fault: str = attrs.field(default="", validator=_check_fault)
+    name: str = "mock"
+    seed: int = 0
+    stats: MockStats = attrs.field(factory=MockStats, init=False)
+    server: HTTPServer | None = attrs.field(default=None, init=False)
+    _router: Router = attrs.field(init=False)
+    _rng: random.Random = attrs.field(init=False)
+    _recent: collections.deque[tuple[str, str, list[tuple[bytes, bytes]], bytes]] = attrs.field(
+        init=False, factory=lambda: collections.deque(maxlen=RECENT_REQUESTS)
+    )
+    _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
+
+    def __attrs_post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._router = self._build_router()
+
+    @property
+    def handler(self) -> Router:
+        return self._router
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled; `nursery.start` returns the bound port."""
+        self.server = HTTPServer(self._router, ServerLimits())
+        await self.server.serve_tcp(host, port, task_status=task_status)
+
+    def set_fault(self, spec: str) -> FaultSpec:
+        """Change the node-wide fault (raises FaultSpecError) and reseed the fault RNG."""
+        parsed = parse_fault(spec)
+        self.fault = spec
+        self._rng.seed(self.seed)
+        return parsed
+
+    def reset(self) -> None:
+        """Zero the counters, forget recorded requests and reseed the fault RNG."""
+        self.stats.reset()
+        self._recent.clear()
+        self._rng.seed(self.seed)
+
+    def recent_requests(self) -> list[dict[str, Any]]:
+        """The last requests received, oldest first: method, path, headers, body (JSON if it
+        parses, else text)."""
+        out = []
+        for method, path, headers, raw in self._recent:
+            body: Any
+            try:
+                body = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                body = raw.decode("utf-8", "replace")
+            out.append({
+                "method": method,
+                "path": path,
+                "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in headers},
+                "body": body,
+            })
+        return out
+
+    # -- routing and bookkeeping ---------------------------------------------------------------
+
+    def _build_router(self) -> Router:
+        router = Router()
+        router.add("GET", "/v1/models", self._api(self._models))
+        router.add("GET", "/api/tags", self._api(self._tags))
+        router.add("GET", "/health", self._api(self._health))
+        router.add("POST", "/v1/chat/completions", self._api(self._chat))
+        router.add("POST", "/v1/completions", self._api(self._completions))
+        router.add("POST", "/v1/embeddings", self._api(self._embeddings))
+        router.add("GET", "/mock/stats", self._get_stats)
+        router.add("POST", "/mock/reset", self._post_reset)
+        router.add("GET", "/mock/fault", self._get_fault)
+        router.add("POST", "/mock/fault", self._post_fault)
+        router.add("GET", "/mock/requests", self._get_requests)
+        return router
+
+    def _api(self, endpoint: _Endpoint) -> Handler:
+        """Wrap an API endpoint with counting, recording and fault injection."""
+
+        async def handle(request: Request) -> Response:
+            stats = self.stats
+            stats.requests += 1
+            path = request.path
+            stats.by_path[path] = stats.by_path.get(path, 0) + 1
+            self._recent.append((request.method, path, request.headers, request.body))
+            stats.concurrent += 1
+            if stats.concurrent > stats.max_concurrent:
+                stats.max_concurrent = stats.concurrent
+            streaming = False
+            try:
+                fault = self._fault_for(request)
+                knobs = self._knobs(fault)
+                if fault is not None:
+                    if fault.hang:
+                        await trio.sleep_forever()
+                    if fault.status is not None:
+                        if fault.ttft_ms:
+                            await trio.sleep(fault.ttft_ms / 1000)
+                        raise self._fault_error(fault)
+                response = await endpoint(request, knobs)
+                if knobs.drop_after == 0 and response.stream is None:
+                    response = Response(200, list(JSON_HEADERS), stream=_drop_now)
+                if response.stream is not None:
+                    response.stream = self._tracked(response.stream)
+                    streaming = True
+                else:
+                    stats.completed += 1
+                response.headers.append((b"x-mock-node", self.name.encode()))
+                return response
+            except trio.Cancelled:
+                stats.disconnects += 1
+                raise
+            except HTTPError:
+                stats.completed += 1
+                stats.errors += 1
+                raise
+            finally:
+                if not streaming:
+                    stats.concurrent -= 1
+
+        return handle
+
+    def _tracked(self, writer: StreamBody) -> StreamBody:
+        """Count a streamed answer's end: completed, dropped on purpose, or client gone."""
+
+        async def write(send: SendBody) -> None:
+            stats = self.stats
+            try:
+                await writer(send)
+            except DropConnection:
+                stats.dropped += 1
+                raise
+            except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
+                stats.disconnects += 1
+                raise
+            else:
+                stats.completed += 1
+            finally:
+                stats.concurrent -= 1
+
+        return write
+
+    def _fault_for(self, request: Request) -> FaultSpec | None:
+        """The fault to apply to this request, if any (the header wins over the node's)."""
+        raw = request.header(b"x-mock-fault")
+        if raw is None:
+            spec = parse_fault(self.fault)
+        else:
+            try:
+                spec = parse_fault(raw.decode("latin-1"))
+            except FaultSpecError as exc:
+                raise HTTPError(400, str(exc), code="invalid_fault", param="x-mock-fault") from None
+        if spec.empty:
+            return None
+        if spec.rate < 1.0 and self._rng.random() >= spec.rate:
+            return None
+        self.stats.faults_injected += 1
+        return spec
+
+    def _knobs(self, fault: FaultSpec | None) -> _Knobs:
+        if fault is None:
+            return _Knobs(self.ttft_ms / 1000, self.itl_ms / 1000, self.tokens, None)
+        return _Knobs(
+            (self.ttft_ms if fault.ttft_ms is None else fault.ttft_ms) / 1000,
+            (self.itl_ms if fault.itl_ms is None else fault.itl_ms) / 1000,
+            self.tokens if fault.tokens is None else fault.tokens,
+            fault.drop_after,
+        )
+
+    def _fault_error(self, fault: FaultSpec) -> HTTPError:
+        assert fault.status is not None
+        headers = [(b"x-mock-node", self.name.encode())]
+        if fault.retry_after is not None:
+            headers.append((b"retry-after", str(fault.retry_after).encode()))
+        return HTTPError(
+            fault.status, f"Injected fault: status {fault.status} from mock node {self.name}",
+            code="mock_fault", headers=headers,
+        )
+
+    def _check_model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise HTTPError(400, "'model' is required and must be a string", param="model")
+        if model not in self.models:
+            raise HTTPError(
+                404, f"The model `{model}` does not exist on mock node {self.name}",
+                code="model_not_found", param="model",
+            )
+        return model
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{self.name}-{next(self._ids)}"
+
+    # -- API endpoints -------------------------------------------------------------------------
+
+    async def _models(self, request: Request, knobs: _Knobs) -> Response:
+        data = [
+            {"id": m, "object": "model", "created": _MODEL_CREATED, "owned_by": self.name}
+            for m in self.models
+        ]
+        return Response.json({"object": "list", "data": data})
+
+    async def _tags(self, request: Request, knobs: _Knobs) -> Response:
+        return Response.json({"models": [_ollama_tag(m) for m in self.models]})
+
+    async def _health(self, request: Request, knobs: _Knobs) -> Response:
+        return Response.json({"status": "ok"})
+
+    async def _chat(self, request: Request, knobs: _Knobs) -> Response:
+        body = _json_body(request)
+        model = self._check_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise HTTPError(400, "'messages' must be a non-empty array", param="messages")
+        prompt_tokens = sum(_message_words(m) for m in messages)
+        n, finish = _completion_length(body, knobs.tokens)
+        created = int(time.time())
+        cid = self._new_id("chatcmpl")
+        if body.get("stream") is True:
+            return _stream(
+                _CHAT, cid, created, model, n, finish,
+                _usage(prompt_tokens, n) if _include_usage(body) else None, knobs,
+            )
+        await _generate_delay(knobs, n)
+        return Response.json({
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": _answer_text(n)},
+                "logprobs": None,
+                "finish_reason": finish,
+            }],
+            "usage": _usage(prompt_tokens, n),
+        })
+
+    async def _completions(self, request: Request, knobs: _Knobs) -> Response:
+        body = _json_body(request)
+        model = self._check_model(body)
+        prompt_tokens = _prompt_words(body.get("prompt"))
+        n, finish = _completion_length(body, knobs.tokens)
+        created = int(time.time())
+        cid = self._new_id("cmpl")
+        if body.get("stream") is True:
+            return _stream(
+                _TEXT, cid, created, model, n, finish,
+                _usage(prompt_tokens, n) if _include_usage(body) else None, knobs,
+            )
+        await _generate_delay(knobs, n)
+        return Response.json({
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0, "text": _answer_text(n), "logprobs": None, "finish_reason": finish,
+            }],
+            "usage": _usage(prompt_tokens, n),
+        })
+
+    async def _embeddings(self, request: Request, knobs: _Knobs) -> Response:
+        body = _json_body(request)
+        model = self._check_model(body)
+        dim = body.get("dimensions", self.embedding_dim)
+        if not _is_int(dim) or not 1 <= dim <= MAX_EMBEDDING_DIM:
+            raise HTTPError(
+                400, f"'dimensions' must be an integer from 1 to {MAX_EMBEDDING_DIM}",
+                param="dimensions",
+            )
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise HTTPError(400, "'encoding_format' must be 'float' or 'base64'",
+                            param="encoding_format")
+        vectors, prompt_tokens = _embed_input(body.get("input"), dim)
+        if knobs.ttft:
+            await trio.sleep(knobs.ttft)
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": to_base64(v) if encoding == "base64" else v,
+            }
+            for i, v in enumerate(vectors)
+        ]
+        return Response.json({
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        })
+
+    # -- control endpoints ---------------------------------------------------------------------
+
+    async def _get_stats(self, request: Request) -> Response:
+        return Response.json(self.stats.as_dict())
+
+    async def _post_reset(self, request: Request) -> Response:
+        self.reset()
+        return Response.json(self.stats.as_dict())
+
+    async def _get_fault(self, request: Request) -> Response:
+        return Response.json({"fault": parse_fault(self.fault).format()})
+
+    async def _post_fault(self, request: Request) -> Response:
+        body = _json_body(request)
+        spec = body.get("fault")
+        if not isinstance(spec, str):
+            raise HTTPError(400, "body must be {\"fault\": \"<spec>\"}", param="fault")
+        try:
+            parsed = self.set_fault(spec)
+        except FaultSpecError as exc:
+            raise HTTPError(400, str(exc), code="invalid_fault", param="fault") from None
+        return Response.json({"fault": parsed.format()})
+
+    async def _get_requests(self, request: Request) -> Response:
+        return Response.json(self.recent_requests())
+
+
+# -- helpers (pure, module level so they are cheap to call) ------------------------------------
+
+
+async def _drop_now(send: SendBody) -> None:
+    # The server turns a writer's error before any bytes into a 500, so let the head go out
+    # first: the client then sees the connection close before any of the body.
+    await send(b"")
+    raise DropConnection("mock fault: drop-after=0")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "Request body must be a JSON object")
+    return body
+
+
+def _message_words(message: Any) -> int:
+    if not isinstance(message, dict):
+        raise HTTPError(400, "each message must be an object", param="messages")
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content.split())
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        return sum(
+            len(part["text"].split())
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def _prompt_words(prompt: Any) -> int:
+    """Words in a completions prompt: a string, strings, token ids or lists of token ids."""
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return sum(len(p.split()) for p in prompt)
+        if all(_is_int(p) for p in prompt):
+            return len(prompt)
+        if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
+            return sum(len(p) for p in prompt)
+    raise HTTPError(
+        400, "'prompt' must be a string, an array of strings or an array of token ids",
+        param="prompt",
+    )
+
+
+def _embed_input(value: Any, dim: int) -> tuple[list[list[float]], int]:
+    """Vectors and word count for `input`: a string, strings, token ids or lists of them."""
+    if isinstance(value, str):
+        return [embed(value, dim)], len(words(value))
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [embed(v, dim) for v in value], sum(len(words(v)) for v in value)
+        if all(_is_int(v) for v in value):
+            return [embed_tokens(value, dim)], len(value)
+        if all(isinstance(v, list) and all(_is_int(t) for t in v) for v in value):
+            return [embed_tokens(v, dim) for v in value], sum(len(v) for v in value)
+    raise HTTPError(
+        400, "'input' must be a non-empty string, array of strings or array of token ids",
+        param="input",
+    )
+
+
+def _completion_length(body: dict[str, Any], tokens: int) -> tuple[int, str]:
+    """Tokens to answer and the finish reason: `max_tokens` shorter than the answer cuts it."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < tokens:
+        return limit, "length"
+    return tokens, "stop"
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _token_text(i: int) -> str:
+    word = WORDS[i % len(WORDS)]
+    return word if i == 0 else " " + word
+
+
+@functools.lru_cache(maxsize=64)
+def _answer_text(n: int) -> str:
+    return "".join(_token_text(i) for i in range(n))
+
+
+async def _generate_delay(knobs: _Knobs, n: int) -> None:
+    """A non-stream answer takes as long as the stream would: TTFT, then n-1 gaps."""
+    delay = knobs.ttft + knobs.itl * max(n - 1, 0)
+    if delay > 0:
+        await trio.sleep(delay)
+
+
+def _ollama_tag(model: str) -> dict[str, Any]:
+    return {
+        "name": model,
+        "model": model,
+        "modified_at": "2024-01-01T00:00:00Z",
+        "size": 0,
+        "digest": hashlib.sha256(model.encode()).hexdigest(),
+        "details": {
+            "format": "gguf", "family": "mock", "parameter_size": "1B",
+            "quantization_level": "Q4_0",
+        },
+    }
+
+
+# -- streaming -----------------------------------------------------------------------------------
+# Each SSE event is a per-request head (id, object, created, model) plus a precomputed tail.
+
+
+@attrs.frozen
+class _StreamKind:
+    object: bytes
+    role_tail: bytes | None  # chat sends an assistant-role chunk first
+    token_tail: Callable[[int], bytes]
+    finish_tail: Callable[[str], bytes]
+
+
+@functools.lru_cache(maxsize=4096)
+def _chat_token_tail(i: int) -> bytes:
+    text = orjson.dumps(_token_text(i))
+    return b'"delta":{"content":' + text + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_token_tail(i: int) -> bytes:
+    text = orjson.dumps(_token_text(i))
+    return b'"text":' + text + b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_finish_tail(reason: str) -> bytes:
+    return b'"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+
+
+@functools.lru_cache(maxsize=8)
+def _text_finish_tail(reason: str) -> bytes:
+    return b'"text":"","logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+
+
+_CHAT = _StreamKind(
+    b"chat.completion.chunk",
+    b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n',
+    _chat_token_tail,
+    _chat_finish_tail,
+)
+_TEXT = _StreamKind(b"text_completion", None, _text_token_tail, _text_finish_tail)
+
+
+def _stream(
+    kind: _StreamKind, cid: str, created: int, model: str, n: int, finish: str,
+    usage: dict[str, int] | None, knobs: _Knobs,
+) -> Response:
+    """An SSE answer: [role], one chunk per token, finish, [usage], [DONE]; TTFT and ITL
+    delays and `drop-after` apply to these frames."""
+    id_json = orjson.dumps(cid)
+    model_json = orjson.dumps(model)
+    created_bytes = str(created).encode()
+    head = (
+        b'data: {"id":' + id_json + b',"object":"' + kind.object + b'","created":'
+        + created_bytes + b',"model":' + model_json + b',"choices":[{"index":0,'
+    )
+    frames: list[bytes] = []
+    if kind.role_tail is not None:
+        frames.append(head + kind.role_tail)
+    first_token = len(frames)
+    token_tail = kind.token_tail
+    frames.extend([head + token_tail(i) for i in range(n)])
+    frames.append(head + kind.finish_tail(finish))
+    if usage is not None:
+        frames.append(
+            b'data: {"id":' + id_json + b',"object":"' + kind.object + b'","created":'
+            + created_bytes + b',"model":' + model_json + b',"choices":[],"usage":'
+            + orjson.dumps(usage) + b"}\n\n"
+        )
+    frames.append(DONE)
+
+    drop = knobs.drop_after is not None and knobs.drop_after < len(frames)
+    if drop:
+        assert knobs.drop_after is not None
+        frames = frames[: knobs.drop_after]
+    ttft, itl = knobs.ttft, knobs.itl
+    # Frames that wait `itl` first: every token after the first.
+    gap_from, gap_to = first_token + 1, first_token + n
+
+    async def write(send: SendBody) -> None:
+        if ttft > 0:
+            await trio.sleep(ttft)
+        if itl <= 0:
+            await send(b"".join(frames))  # one write: far fewer syscalls under load
+        else:
+            for i, frame in enumerate(frames):
+                if gap_from <= i < gap_to:
+                    await trio.sleep(itl)
+                await send(frame)
+        if drop:
+            raise DropConnection(f"mock fault: drop-after={knobs.drop_after}")
+
+    return Response(200, list(SSE_HEADERS), stream=write)

@@ -1,0 +1,455 @@
+"""The mock upstream node over real sockets, with the official openai SDK and httpx."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.testing import FaultSpec, FaultSpecError, MockNode, parse_fault
+from lb.testing.embeddings import cosine, embed, words
+
+CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "say hello to me"}]}
+
+
+@asynccontextmanager
+async def running(node: MockNode) -> AsyncIterator[str]:
+    """Serve `node` on 127.0.0.1 and yield its base URL (no /v1)."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(node.serve, "127.0.0.1", 0)
+        yield f"http://127.0.0.1:{port}"
+        nursery.cancel_scope.cancel()
+
+
+def sdk(base: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+
+
+async def sse_events(response: httpx.Response) -> list[bytes]:
+    """The `data:` payloads of an SSE body, in order."""
+    body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+async def wait_until(check: Callable[[], bool]) -> None:
+    """Poll the node's counters (they have no events to wait on; the caller bounds the time)."""
+    while not check():  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+# -- API shapes ---------------------------------------------------------------------------------
+
+
+async def test_models_openai_and_ollama() -> None:
+    node = MockNode(models=["a", "b"], name="n1")
+    with trio.fail_after(10):
+        async with running(node) as base:
+            page = await sdk(base).models.list()
+            assert [m.id for m in page.data] == ["a", "b"]
+            assert page.data[0].object == "model" and page.data[0].owned_by == "n1"
+            async with httpx.AsyncClient() as http:
+                tags = (await http.get(f"{base}/api/tags")).json()
+                assert [m["name"] for m in tags["models"]] == ["a", "b"]
+                assert tags["models"][0]["model"] == "a"
+                assert (await http.get(f"{base}/health")).json() == {"status": "ok"}
+
+
+async def test_chat_non_stream() -> None:
+    node = MockNode(models=["x", "y"], tokens=5)
+    with trio.fail_after(10):
+        async with running(node) as base:
+            answer = await sdk(base).chat.completions.create(
+                model="y",
+                messages=[
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "one two three"}]},
+                ],
+            )
+    assert answer.object == "chat.completion"
+    assert answer.model == "y"
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    assert choice.message.content is not None and len(choice.message.content.split()) == 5
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (5, 5)
+    assert answer.usage.total_tokens == 10
+
+
+async def test_chat_stream_event_count_and_content() -> None:
+    node = MockNode(tokens=8)
+    with trio.fail_after(10):
+        async with running(node) as base:
+            async with httpx.AsyncClient() as http, http.stream(
+                "POST", f"{base}/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "text/event-stream"
+                events = await sse_events(response)
+            stream = await sdk(base).chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+            chunks = [chunk async for chunk in stream]
+    assert len(events) == 1 + 8 + 1 + 1 and events[-1] == b"[DONE]"
+    parsed = [orjson.loads(e) for e in events[:-1]]
+    assert parsed[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(p["object"] == "chat.completion.chunk" for p in parsed)
+    assert len({p["id"] for p in parsed}) == 1
+    assert parsed[-1]["choices"][0]["finish_reason"] == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert len(text.split()) == 8
+    assert "usage" not in parsed[-1]
+
+
+async def test_stream_include_usage_and_max_tokens() -> None:
+    node = MockNode(tokens=8)
+    body = {
+        **CHAT, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 3,
+    }
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http, http.stream(
+            "POST", f"{base}/v1/chat/completions", json=body
+        ) as response:
+            events = await sse_events(response)
+    assert len(events) == 1 + 3 + 1 + 1 + 1
+    finish, usage = orjson.loads(events[-3]), orjson.loads(events[-2])
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_text_completions() -> None:
+    node = MockNode(tokens=4)
+    with trio.fail_after(10):
+        async with running(node) as base:
+            client = sdk(base)
+            answer = await client.completions.create(model="mock-model", prompt="a b c")
+            stream = await client.completions.create(
+                model="mock-model", prompt=["a", "b"], stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+    assert answer.object == "text_completion"
+    assert len(answer.choices[0].text.split()) == 4
+    assert answer.usage is not None and answer.usage.prompt_tokens == 3
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == answer.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+async def test_embeddings_share_words_closer() -> None:
+    node = MockNode(embedding_dim=64)
+    texts = ["the cat sat on the mat", "The cat sat on a mat!", "quantum chromodynamics lecture"]
+    with trio.fail_after(10):
+        async with running(node) as base:
+            # The SDK asks for base64 by default; httpx asks for floats.
+            result = await sdk(base).embeddings.create(model="mock-model", input=texts)
+            async with httpx.AsyncClient() as http:
+                floats = (await http.post(f"{base}/v1/embeddings", json={
+                    "model": "mock-model", "input": "the cat sat on the mat", "dimensions": 16,
+                })).json()
+    vectors = [d.embedding for d in result.data]
+    assert [len(v) for v in vectors] == [64, 64, 64]
+    assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-5) for v in vectors)
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    assert result.usage.prompt_tokens == 6 + 6 + 3
+    assert len(floats["data"][0]["embedding"]) == 16
+    assert floats["data"][0]["embedding"] == pytest.approx(embed("the cat sat on the mat", 16))
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+async def test_unknown_model_404_and_bad_requests_400() -> None:
+    node = MockNode()
+    with trio.fail_after(10):
+        async with running(node) as base:
+            with pytest.raises(openai.NotFoundError) as caught:
+                await sdk(base).chat.completions.create(
+                    model="nope", messages=[{"role": "user", "content": "hi"}]
+                )
+            assert caught.value.code == "model_not_found"
+            async with httpx.AsyncClient() as http:
+                url = f"{base}/v1/chat/completions"
+                bad_json = await http.post(url, content=b"{nope")
+                no_messages = await http.post(url, json={"model": "mock-model"})
+                no_prompt = await http.post(f"{base}/v1/completions", json={"model": "mock-model"})
+    for response in (bad_json, no_messages, no_prompt):
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+async def test_status_fault_node_wide_and_at_run_time() -> None:
+    node = MockNode(fault="status=503,retry-after=2")
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            url = f"{base}/v1/chat/completions"
+            first = await http.post(url, json=CHAT)
+            changed = await http.post(f"{base}/mock/fault", json={"fault": "status=429"})
+            second = await http.post(url, json=CHAT)
+            cleared = await http.post(f"{base}/mock/fault", json={"fault": ""})
+            third = await http.post(url, json=CHAT)
+            models = await http.get(f"{base}/v1/models")
+            stats = (await http.get(f"{base}/mock/stats")).json()
+    assert first.status_code == 503 and first.headers["retry-after"] == "2"
+    assert first.json()["error"]["code"] == "mock_fault"
+    assert changed.json() == {"fault": "status=429"}
+    assert second.status_code == 429
+    assert cleared.status_code == 200 and third.status_code == 200
+    assert models.status_code == 200
+    assert stats["faults_injected"] == 2 and stats["errors"] == 2
+
+
+async def test_rate_is_reproducible_with_a_seed() -> None:
+    async def statuses(node: MockNode) -> list[int]:
+        async with running(node) as base, httpx.AsyncClient() as http:
+            return [
+                (await http.post(f"{base}/v1/chat/completions", json=CHAT)).status_code
+                for _ in range(20)
+            ]
+
+    with trio.fail_after(10):
+        one = await statuses(MockNode(fault="status=500,rate=0.5", seed=7))
+        two = await statuses(MockNode(fault="status=500,rate=0.5", seed=7))
+        node = MockNode(fault="status=500,rate=0.5", seed=7)
+        await statuses(node)
+        node.reset()
+        three = await statuses(node)
+    assert one == two == three
+    assert set(one) == {200, 500}
+
+
+async def test_hang_until_client_goes_away_counts_a_disconnect() -> None:
+    node = MockNode()
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            with trio.move_on_after(0.3) as scope:
+                await http.post(
+                    f"{base}/v1/chat/completions", json=CHAT, headers={"x-mock-fault": "hang=1"}
+                )
+            assert scope.cancelled_caught
+            await wait_until(lambda: node.stats.disconnects == 1)
+            assert node.stats.concurrent == 0
+            assert node.stats.completed == 0
+            assert node.stats.faults_injected == 1
+
+
+async def test_client_gone_mid_stream_counts_a_disconnect() -> None:
+    node = MockNode(tokens=50, itl_ms=20)
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            async with http.stream(
+                "POST", f"{base}/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as response:
+                async for _ in response.aiter_bytes():
+                    break
+            await wait_until(lambda: node.stats.disconnects == 1)
+            assert node.stats.concurrent == 0
+
+
+async def test_drop_after_breaks_the_stream() -> None:
+    node = MockNode(tokens=8)
+    received = []
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with http.stream(
+                    "POST", f"{base}/v1/chat/completions", json={**CHAT, "stream": True},
+                    headers={"x-mock-fault": "drop-after=3"},
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            received.append(line)
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.post(
+                    f"{base}/v1/chat/completions", json=CHAT,
+                    headers={"x-mock-fault": "drop-after=0"},
+                )
+            # The node keeps serving other connections.
+            ok = await http.post(f"{base}/v1/chat/completions", json=CHAT)
+    assert len(received) == 3
+    assert ok.status_code == 200
+    assert node.stats.dropped == 2 and node.stats.concurrent == 0
+
+
+async def test_header_overrides_and_wins_over_node_fault() -> None:
+    node = MockNode(tokens=8, fault="status=503")
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            url = f"{base}/v1/chat/completions"
+            short = await http.post(url, json=CHAT, headers={"x-mock-fault": "tokens=3"})
+            plain = await http.post(url, json=CHAT, headers={"x-mock-fault": ""})
+            faulted = await http.post(url, json=CHAT)
+            start = trio.current_time()
+            slow = await http.post(url, json=CHAT, headers={"x-mock-fault": "ttft-ms=150"})
+            slow_elapsed = trio.current_time() - start
+    assert short.status_code == 200
+    assert short.json()["usage"]["completion_tokens"] == 3
+    assert plain.status_code == 200 and faulted.status_code == 503
+    assert slow.status_code == 200 and slow_elapsed >= 0.14
+
+
+async def test_bad_fault_spec_is_a_400_naming_the_item() -> None:
+    node = MockNode()
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            by_header = await http.post(
+                f"{base}/v1/chat/completions", json=CHAT,
+                headers={"x-mock-fault": "status=503,explode=1"},
+            )
+            by_control = await http.post(f"{base}/mock/fault", json={"fault": "rate=7"})
+    assert by_header.status_code == 400 and "explode=1" in by_header.json()["error"]["message"]
+    assert by_control.status_code == 400 and "rate=7" in by_control.json()["error"]["message"]
+    with pytest.raises(ValueError, match="bogus"):
+        MockNode(fault="bogus")
+
+
+# -- counters and recording ---------------------------------------------------------------------
+
+
+async def test_stats_reset_and_recorded_requests() -> None:
+    node = MockNode()
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            await http.get(f"{base}/v1/models")
+            await http.post(
+                f"{base}/v1/chat/completions",
+                json={**CHAT, "optillm_approach": "moa"}, headers={"x-trace": "t1"},
+            )
+            stats = (await http.get(f"{base}/mock/stats")).json()
+            seen = (await http.get(f"{base}/mock/requests")).json()
+            await http.post(f"{base}/mock/reset")
+            after = (await http.get(f"{base}/mock/stats")).json()
+            seen_after = (await http.get(f"{base}/mock/requests")).json()
+    assert stats["requests"] == 2 and stats["completed"] == 2
+    assert stats["by_path"] == {"/v1/models": 1, "/v1/chat/completions": 1}
+    assert stats["concurrent"] == 0 and stats["max_concurrent"] == 1
+    assert seen[-1]["body"]["optillm_approach"] == "moa"
+    assert seen[-1]["body"]["model"] == "mock-model"
+    assert seen[-1]["headers"]["x-trace"] == "t1"
+    assert after["requests"] == 0 and after["by_path"] == {} and seen_after == []
+
+
+async def test_max_concurrent_with_slow_requests() -> None:
+    node = MockNode(ttft_ms=300)
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+
+            async def one() -> None:
+                response = await http.post(f"{base}/v1/chat/completions", json=CHAT)
+                assert response.status_code == 200
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(one)
+                await wait_until(lambda: node.stats.concurrent == 5)
+    assert node.stats.max_concurrent == 5
+    assert node.stats.concurrent == 0 and node.stats.completed == 5
+
+
+async def test_stream_timing_knobs() -> None:
+    node = MockNode(tokens=4, ttft_ms=100, itl_ms=30)
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            start = trio.current_time()
+            async with http.stream(
+                "POST", f"{base}/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as response:
+                events = await sse_events(response)
+            elapsed = trio.current_time() - start
+    assert len(events) == 1 + 4 + 1 + 1
+    assert elapsed >= 0.1 + 3 * 0.03 - 0.01
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+specs = st.builds(
+    FaultSpec,
+    status=st.none() | st.integers(400, 599),
+    rate=st.floats(0, 1, allow_nan=False),
+    hang=st.booleans(),
+    drop_after=st.none() | st.integers(0, 1000),
+    ttft_ms=st.none() | st.floats(0, 1e6, allow_nan=False),
+    itl_ms=st.none() | st.floats(0, 1e6, allow_nan=False),
+    tokens=st.none() | st.integers(0, 100_000),
+    retry_after=st.none() | st.integers(0, 3600),
+)
+
+
+# No deadline: a loaded CI machine must not turn a slow example into a failure.
+pure = settings(deadline=None)
+
+
+@pure
+@given(specs)
+def test_fault_spec_round_trips(spec: FaultSpec) -> None:
+    assert parse_fault(spec.format()) == spec
+
+
+@pure
+@given(specs, st.randoms(use_true_random=False))
+def test_fault_spec_item_order_and_blanks_do_not_matter(spec: FaultSpec, rnd: Any) -> None:
+    items = spec.format().split(",")
+    rnd.shuffle(items)
+    assert parse_fault(" , ".join(items) + ",") == spec
+
+
+@pure
+@given(st.text(max_size=40))
+def test_fault_parser_only_raises_its_own_error(text: str) -> None:
+    try:
+        spec = parse_fault(text)
+    except FaultSpecError as exc:
+        assert exc.item and exc.item in text
+    else:
+        assert isinstance(spec, FaultSpec)
+
+
+def test_fault_parser_examples() -> None:
+    assert parse_fault("hang") == FaultSpec(hang=True)
+    assert parse_fault("drop_after=2, TTFT-MS=5") == FaultSpec(drop_after=2, ttft_ms=5.0)
+    assert parse_fault("").empty and parse_fault("rate=0.5").empty
+    assert not parse_fault("tokens=1").empty
+    for bad in ("status=200", "rate=1.5", "tokens=-1", "x", "status=500,status=502", "itl-ms=inf"):
+        with pytest.raises(FaultSpecError) as caught:
+            parse_fault(bad)
+        assert caught.value.item in bad
+
+
+word_lists = st.lists(st.from_regex(r"[a-z]{3,8}", fullmatch=True), min_size=3, max_size=6,
+                      unique=True)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=60), st.sampled_from([8, 64, 256]))
+def test_embeddings_deterministic_unit_vectors(text: str, dim: int) -> None:
+    vector = embed(text, dim)
+    assert vector == embed(text, dim)
+    assert len(vector) == dim
+    assert math.isclose(math.sqrt(sum(x * x for x in vector)), 1.0, rel_tol=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(word_lists, word_lists)
+def test_embeddings_shared_words_are_closer(shared: list[str], other: list[str]) -> None:
+    other = [w for w in other if w not in shared]
+    if not other:
+        return
+    a = embed(" ".join([*shared, "alpha"]), 256)
+    b = embed(" ".join([*shared, "omega"]), 256)
+    c = embed(" ".join(other), 256)
+    assert cosine(a, b) > cosine(a, c)
+
+
+def test_embeddings_ignore_case_and_punctuation() -> None:
+    assert words("Hello, World!") == ["hello", "world"]
+    assert embed("Hello, World!", 32) == embed("hello world", 32)
