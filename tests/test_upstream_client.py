@@ -672,7 +672,7 @@ async def test_tcp_nodelay_is_set() -> None:
 
 # --- TLS -------------------------------------------------------------------------------
 
-trustme = pytest.importorskip("trustme")
+import trustme  # noqa: E402  (a test dependency; missing must fail, not skip)
 
 
 @pytest.fixture(scope="module")
