@@ -50,7 +50,11 @@ class FaultSpec:
     @property
     def empty(self) -> bool:
         """True when applying the spec changes nothing (whatever its rate)."""
-        return attrs.evolve(self, rate=1.0) == NO_FAULT
+        return (
+            self.status is None and not self.hang and self.drop_after is None
+            and self.ttft_ms is None and self.itl_ms is None and self.tokens is None
+            and self.retry_after is None
+        )
 
     def format(self) -> str:
         """The canonical text of the spec; `parse_fault(spec.format()) == spec`."""

@@ -255,6 +255,8 @@ class MockNode:
         """The fault to apply to this request, if any (the header wins over the node's)."""
         raw = request.header(b"x-mock-fault")
         if raw is None:
+            if not self.fault:
+                return None
             spec = parse_fault(self.fault)
         else:
             try:
