@@ -42,7 +42,7 @@ async def sse_events(response: httpx.Response) -> list[bytes]:
 
 async def wait_until(check: Callable[[], bool]) -> None:
     """Poll the node's counters (they have no events to wait on; the caller bounds the time)."""
-    while not check():  # noqa: ASYNC110
+    while not check():
         await trio.sleep(0.01)
 
 
