@@ -107,3 +107,7 @@ def mock(
 
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run)
+
+
+if __name__ == "__main__":
+    main()
