@@ -103,6 +103,16 @@ class CircuitBreaker:
         elif state is BreakerState.CLOSED and self._failures >= self.threshold:
             self._opened_at = now
 
+    def trip_until(self, now: float, until: float) -> None:
+        """Open the breaker until `until` (another instance saw this node fail), unless it is
+        already open for longer."""
+        if not self.enabled or until <= now:
+            return
+        current = self.open_until()
+        if current is None or current < until:
+            self._opened_at = until - self.ttl
+            self._probe_inflight = False
+
     def release_probe(self) -> None:
         """The probe ended without a verdict (e.g. client cancelled): let another probe in."""
         self._probe_inflight = False
