@@ -1,0 +1,57 @@
+"""`/v1/admin/prefs`: read and change preferred models and per-node caps at run time.
+
+Disabled (403) unless `LB_ADMIN_KEY` is set; then the key must come as a bearer token (401)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from lb.cluster.prefs import Prefs, apply_update
+from lb.http.errors import HTTPError
+from lb.http.routes import Router
+from lb.http.types import Request, Response
+
+
+def check_admin(request: Request, admin_key: str) -> None:
+    if not admin_key:
+        raise HTTPError(403, "Admin endpoints are disabled; set LB_ADMIN_KEY to enable them",
+                        code="admin_disabled")
+    header = request.header(b"authorization") or b""
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), admin_key.encode()
+    ):
+        raise HTTPError(401, "Missing or invalid admin key (Authorization: Bearer <LB_ADMIN_KEY>)",
+                        code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])
+
+
+def add_routes(
+    router: Router,
+    *,
+    admin_key: str,
+    get_prefs: Callable[[], Prefs],
+    change_prefs: Callable[[Prefs], Awaitable[bool]],  # True if the fleet got it too
+) -> None:
+    async def read(request: Request) -> Response:
+        check_admin(request, admin_key)
+        return Response.json(get_prefs().to_json())
+
+    async def change(request: Request) -> Response:
+        check_admin(request, admin_key)
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, f"Request body is not valid JSON: {exc}",
+                            code="invalid_json") from None
+        try:
+            prefs = apply_update(get_prefs(), body)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc), code="invalid_prefs") from None
+        shared = await change_prefs(prefs)
+        return Response.json({**prefs.to_json(), "shared": shared})
+
+    router.add("GET", "/v1/admin/prefs", read)
+    router.add("POST", "/v1/admin/prefs", change)
