@@ -176,12 +176,16 @@ class HTTPServer:
     async def _read_request(self, conn: _Connection, first: bool) -> Request | None:
         """Read one request, or answer the error and return None (the connection then closes)."""
         limits = self.limits
+        head_only = False
         try:
+            # The head must be complete header_timeout after the connection opened (first
+            # request), or after the first byte of a kept-alive request.
+            start = trio.current_time()
             if not conn.has_buffered_bytes():
                 # Idle: a new connection gets the header timeout, a kept-alive one the
                 # keep-alive timeout; draining cancels the wait.
                 wait = limits.header_timeout if first else limits.keepalive_timeout
-                with trio.move_on_after(wait) as idle:
+                with trio.move_on_at(start + wait) as idle:
                     self._idle_scopes.add(idle)
                     try:
                         data = await conn.stream.receive_some(READ_SIZE)
@@ -192,30 +196,36 @@ class HTTPServer:
                         await self._send_error(conn, 408, "Timed out waiting for the request")
                     return None
                 conn.h11.receive_data(data)
+                if not first:
+                    start = trio.current_time()
 
-            event = await conn.next_event(trio.current_time() + limits.header_timeout)
+            event = await conn.next_event(start + limits.header_timeout)
             if isinstance(event, h11.ConnectionClosed):
                 return None
             assert isinstance(event, h11.Request)
+            head_only = event.method == b"HEAD"
             return await self._read_body(conn, event)
         except _Timeout:
-            await self._send_error(conn, 408, "Timed out reading the request", "request_timeout")
+            await self._send_error(
+                conn, 408, "Timed out reading the request", "request_timeout", head_only
+            )
             return None
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             if status == 431:
-                message = f"Request header block is larger than {limits.max_header_bytes} bytes"
+                message = _header_too_large(limits.max_header_bytes)
             else:
                 message = f"Malformed request: {exc}"
-            await self._send_error(conn, status, message)
+            await self._send_error(conn, status, message, None, head_only)
             return None
         except HTTPError as exc:
-            await self._send_error(conn, exc.status, exc.message, exc.code)
+            await self._send_error(conn, exc.status, exc.message, exc.code, head_only)
             return None
 
     async def _read_body(self, conn: _Connection, head: h11.Request) -> Request:
         max_body = self.limits.max_body_bytes
-        length = _content_length(head.headers)
+        headers = list(head.headers)
+        length = _check_head(head, headers, self.limits.max_header_bytes)
         if length is not None and length > max_body:
             raise HTTPError(413, _too_large(max_body), code="request_too_large")
         if conn.h11.they_are_waiting_for_100_continue:
@@ -240,7 +250,7 @@ class HTTPServer:
             method=head.method.decode("ascii"),
             path=path,
             query=query,
-            headers=list(head.headers),
+            headers=headers,
             body=b"".join(chunks),
             client=conn.client,
         )
@@ -248,11 +258,15 @@ class HTTPServer:
     async def _respond(self, conn: _Connection, request: Request) -> bool:
         """Run the handler and send its response; True if the connection can be reused."""
         client_gone = False
+        failed = False
 
         async def watch_disconnect(cancel: trio.CancelScope) -> None:
             nonlocal client_gone
             while len(conn.h11.trailing_data[0]) < MAX_PIPELINED_BYTES:
-                data = await conn.stream.receive_some(READ_SIZE)
+                try:
+                    data = await conn.stream.receive_some(READ_SIZE)
+                except trio.BrokenResourceError:  # reset by the client
+                    data = b""
                 conn.h11.receive_data(data)
                 if not data:
                     client_gone = True
@@ -263,10 +277,21 @@ class HTTPServer:
         async with trio.open_nursery() as nursery:
             if not conn.h11.trailing_data[1]:
                 nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-            await self._run_handler(conn, request)
+            try:
+                await self._run_handler(conn, request)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                client_gone = True
+            except Exception:
+                # The handler's own errors became responses: this is a stream writer failing
+                # after the head went out (or a response h11 refused). Closing the connection
+                # without the last chunk tells the client the body is incomplete.
+                log.exception("response to %s %s failed", request.method, request.path)
+                failed = True
             nursery.cancel_scope.cancel()
         if client_gone:
             raise _ClientGone
+        if failed:
+            return False
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
     async def _run_handler(self, conn: _Connection, request: Request) -> None:
@@ -285,8 +310,8 @@ class HTTPServer:
             headers = [*headers, (b"connection", b"close")]
         head_only = request.method == "HEAD"
         if response.stream is None:
-            if not head_only:
-                headers = [*headers, (b"content-length", str(len(response.body)).encode())]
+            # HEAD gets the length a GET would have (h11 sends no body for HEAD).
+            headers = [*headers, (b"content-length", str(len(response.body)).encode())]
             await conn.send(
                 h11.Response(status_code=response.status, headers=headers),
                 h11.Data(data=response.body) if response.body and not head_only else None,
@@ -323,12 +348,20 @@ class HTTPServer:
             error = exc.response()
             await self._send_response(conn, request, error)
             return
+        except Exception:
+            if started:
+                raise
+            log.exception("stream writer failed for %s %s", request.method, request.path)
+            error = error_response(500, "Internal error in lb", code="internal_error")
+            await self._send_response(conn, request, error)
+            return
         if not started:
             await send(b"")
         await conn.send(h11.EndOfMessage())
 
     async def _send_error(
-        self, conn: _Connection, status: int, message: str, code: str | None = None
+        self, conn: _Connection, status: int, message: str, code: str | None = None,
+        head_only: bool = False,
     ) -> None:
         """Answer an error on a connection that is about to close, if h11 still allows it."""
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -342,7 +375,7 @@ class HTTPServer:
         try:
             await conn.send(
                 h11.Response(status_code=status, headers=headers),
-                h11.Data(data=response.body),
+                None if head_only else h11.Data(data=response.body),
                 h11.EndOfMessage(),
             )
             await _linger(conn.stream)
@@ -359,11 +392,33 @@ async def _linger(stream: trio.SocketStream) -> None:
             pass
 
 
-def _content_length(headers: Any) -> int | None:
-    for name, value in headers:
+def _check_head(
+    head: h11.Request, headers: list[tuple[bytes, bytes]], max_header_bytes: int
+) -> int | None:
+    """The request's Content-Length, after checking the size and framing of its head.
+
+    h11 enforces max_header_bytes only while a head is incomplete, so a head that arrives
+    whole in one read is measured here (request line and header lines, as sent).
+    """
+    size = len(head.method) + len(head.target) + 13
+    length = None
+    chunked = False
+    for name, value in headers:  # iterating the list is much cheaper than h11's Headers
+        size += len(name) + len(value) + 4
         if name == b"content-length":
-            return int(value)
-    return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    if size > max_header_bytes:
+        raise HTTPError(431, _header_too_large(max_header_bytes))
+    if chunked and length is not None:
+        # h11 would go by Transfer-Encoding; such requests are a smuggling vector (RFC 9112 6.1).
+        raise HTTPError(400, "Malformed request: both Content-Length and Transfer-Encoding")
+    return length
+
+
+def _header_too_large(limit: int) -> str:
+    return f"Request header block is larger than {limit} bytes"
 
 
 def _too_large(limit: int) -> str:
