@@ -98,18 +98,24 @@ class HTTPServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._listeners = list(listeners)
-        async with trio.open_nursery() as connections:
-            self._connections_scope = connections.cancel_scope
-            with trio.CancelScope() as accept_scope:
-                self._accept_scope = accept_scope
-                port = self._listeners[0].socket.getsockname()[1]
-                async with trio.open_nursery() as accepts:
-                    for listener in self._listeners:
-                        accepts.start_soon(self._accept_loop, listener, connections)
-                    task_status.started(port)
-            # Closing the listening sockets makes new connections fail at once.
-            for listener in self._listeners:
-                await listener.aclose()
+        try:
+            async with trio.open_nursery() as connections:
+                self._connections_scope = connections.cancel_scope
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    port = self._listeners[0].socket.getsockname()[1]
+                    async with trio.open_nursery() as accepts:
+                        for listener in self._listeners:
+                            accepts.start_soon(self._accept_loop, listener, connections)
+                        task_status.started(port)
+                # Closing the listening sockets makes new connections fail at once.
+                self._close_listeners()
+        finally:
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.socket.close()
 
     @property
     def ports(self) -> list[int]:
@@ -193,7 +199,9 @@ class HTTPServer:
                         self._idle_scopes.discard(idle)
                 if idle.cancelled_caught:
                     if first and not self.draining:
-                        await self._send_error(conn, 408, "Timed out waiting for the request")
+                        await self._send_error(
+                            conn, 408, "Timed out waiting for the request", "request_timeout"
+                        )
                     return None
                 conn.h11.receive_data(data)
                 if not first:
@@ -348,6 +356,8 @@ class HTTPServer:
             error = exc.response()
             await self._send_response(conn, request, error)
             return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the connection is gone (or a writer drops it on purpose): no answer
         except Exception:
             if started:
                 raise

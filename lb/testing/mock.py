@@ -435,9 +435,7 @@ class MockNode:
 
 
 async def _drop_now(send: SendBody) -> None:
-    # The server turns a writer's error before any bytes into a 500, so let the head go out
-    # first: the client then sees the connection close before any of the body.
-    await send(b"")
+    # Raised before any byte: the server closes the connection without answering.
     raise DropConnection("mock fault: drop-after=0")
 
 
