@@ -83,14 +83,14 @@ async def test_embeddings_and_completions(nursery: trio.Nursery) -> None:
 
 async def test_models_union_and_lookup(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        a = await start_mock(nursery, models=(MODEL, "qwen3-8b"))
+        a = await start_mock(nursery, models=(MODEL, "qwen/qwen3-8b"))
         b = await start_mock(nursery, models=(MODEL, "gemma3-270m"))
         lb = await start_lb(nursery, [a, b])
         client = sdk_for(lb)
         ids = [model.id async for model in client.models.list()]
-        assert ids == sorted({MODEL, "qwen3-8b", "gemma3-270m"})
-        model = await client.models.retrieve("qwen3-8b")
-        assert model.id == "qwen3-8b"
+        assert ids == sorted({MODEL, "qwen/qwen3-8b", "gemma3-270m"})
+        model = await client.models.retrieve("qwen/qwen3-8b")  # LM Studio ids have slashes
+        assert model.id == "qwen/qwen3-8b"
         with pytest.raises(openai.NotFoundError):
             await client.models.retrieve("nope")
 

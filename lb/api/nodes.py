@@ -61,7 +61,7 @@ def add_routes(router: Router, registry: Registry, min_healthy: int) -> None:
         return Response.json(body, status=200 if ok else 503)
 
     router.add("GET", "/v1/models", list_models)
-    router.add("GET", "/v1/models/{model}", get_model)
+    router.add("GET", "/v1/models/{model:path}", get_model)
     router.add("GET", "/v1/nodes", list_nodes)
     router.add("GET", "/v1/eligible_nodes", eligible_nodes)
     router.add("GET", "/health", health)

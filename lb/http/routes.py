@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import attrs
 
 from lb.http.errors import HTTPError
@@ -30,17 +32,8 @@ class Router:
             return methods, {}
         parts = path.strip("/").split("/")
         for pattern, methods in self._patterns:
-            if len(pattern) != len(parts):
-                continue
-            params: dict[str, str] = {}
-            for want, got in zip(pattern, parts, strict=True):
-                if want.startswith("{") and want.endswith("}"):
-                    if not got:
-                        break
-                    params[want[1:-1]] = got
-                elif want != got:
-                    break
-            else:
+            params = _bind(pattern, parts)
+            if params is not None:
                 return methods, params
         return None
 
@@ -60,3 +53,24 @@ class Router:
             )
         request.path_params = params
         return await handler(request)
+
+
+def _bind(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
+    """The path parameters if `parts` fits `pattern`. A last segment `{name:path}` takes the
+    rest of the path, slashes included (model ids such as `qwen/qwen3-8b`)."""
+    if pattern[-1].endswith(":path}"):
+        if len(parts) < len(pattern):
+            return None
+        parts = [*parts[: len(pattern) - 1], "/".join(parts[len(pattern) - 1 :])]
+        pattern = (*pattern[:-1], pattern[-1].removesuffix(":path}") + "}")
+    elif len(pattern) != len(parts):
+        return None
+    params: dict[str, str] = {}
+    for want, got in zip(pattern, parts, strict=True):
+        if want.startswith("{") and want.endswith("}"):
+            if not got:
+                return None
+            params[want[1:-1]] = unquote(got)  # decoded after splitting: %2F stays in one
+        elif want != got:
+            return None
+    return params
