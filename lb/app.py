@@ -5,19 +5,20 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+from collections.abc import Mapping
 
 import attrs
 import trio
 
-from lb.api import health, nodes, proxy
+from lb.api import debug, health, nodes, proxy
+from lb.cluster import scanner
 from lb.cluster.node import Node
-from lb.cluster.refresh import refresh_at_start, refresh_forever
 from lb.cluster.registry import Registry
 from lb.config import ConfigError, NodeConfig, Settings
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.routing.dispatch import Dispatcher
-from lb.supervise import supervise
+from lb.supervise import ServiceStats, supervise
 
 log = logging.getLogger("lb")
 
@@ -72,10 +73,17 @@ def build_registry(settings: Settings) -> Registry:
     )
 
 
-def build_router(settings: Settings, registry: Registry, server: HTTPServer) -> Router:
+def build_router(
+    settings: Settings,
+    registry: Registry,
+    server: HTTPServer,
+    services: Mapping[str, ServiceStats] | None = None,
+    scan: scanner.ScanState | None = None,
+) -> Router:
     router = Router()
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(router, registry, settings.min_healthy_nodes)
+    debug.add_routes(router, registry, services or {}, scan or scanner.ScanState())
     proxy.add_routes(router, Dispatcher(registry, settings))
     return router
 
@@ -88,21 +96,26 @@ async def serve(
 ) -> int:
     """Run until drained by a signal (or cancelled); returns the process exit code."""
     listeners = await open_listeners(settings)
+    listen_port: int = listeners[0].socket.getsockname()[1]
     forced = False
     async with trio.open_nursery() as root:
         if settings.demo:
             demo_nodes = await start_demo_nodes(root)
             settings = attrs.evolve(settings, nodes=(*settings.nodes, *demo_nodes))
         registry = build_registry(settings)
-        await refresh_at_start(registry, settings.health_check_timeout)
+        targets = scanner.targets_for(settings, listen_port)
+        if targets:
+            log.info("scanning %d address(es) for nodes: %s", len(targets), ", ".join(targets))
+        scan = scanner.ScanState(targets=tuple(targets))
+        services = {"scanner": ServiceStats()}
+        await scanner.scan_at_start(registry, targets, settings=settings, state=scan)
         root.start_soon(
-            supervise, "model-refresh",
-            lambda: refresh_forever(
-                registry, settings.scan_interval, settings.health_check_timeout
-            ),
+            supervise, "scanner",
+            lambda: scanner.scan_forever(registry, targets, settings=settings, state=scan),
+            services["scanner"],
         )
         server = HTTPServer(Router(), server_limits(settings))
-        server.handler = build_router(settings, registry, server)
+        server.handler = build_router(settings, registry, server, services, scan)
 
         async def watch_signals() -> None:
             nonlocal forced

@@ -187,6 +187,59 @@ def _maxconn_map(value: Any) -> Mapping[str, int]:
     return result
 
 
+def host_port(value: Any) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address -> (host, port or None).
+
+    The host comes back lower-cased, an IPv6 one in brackets, so that `host:port` is a node key.
+    """
+    text = _text(value)
+    if not text:
+        raise ValueError("expected host or host:port")
+    if any(char in text for char in "/@?#") or any(char.isspace() for char in text):
+        raise ValueError(f"expected host or host:port, got {text!r}")
+    if text.count(":") > 1 and not text.startswith("["):
+        text = f"[{text}]"  # a bare IPv6 address carries no port
+    try:
+        parts = urlsplit("http://" + text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"malformed host:port {text!r}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if port == 0:
+        raise ValueError(f"port 0 in {text!r}")
+    if text.endswith(":"):
+        raise ValueError(f"empty port in {text!r}")
+    return (f"[{host}]" if ":" in host else host), port
+
+
+def _scan_hosts(value: Any) -> tuple[str, ...]:
+    """`host` or `host:port` entries, normalised (`Host:80` -> `host:80`), first one kept."""
+    result: list[str] = []
+    for item in _names(value):
+        host, port = host_port(item)
+        entry = host if port is None else f"{host}:{port}"
+        if entry not in result:
+            result.append(entry)
+    return tuple(result)
+
+
+def _ports(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list | tuple) else _names(value)
+    result: list[int] = []
+    for item in items:
+        try:
+            port = _port(item)
+        except ValueError:
+            raise ValueError(f"expected port numbers from 1 to 65535, got {item!r}") from None
+        if port == 0:
+            raise ValueError("port 0 cannot be scanned")
+        if port not in result:
+            result.append(port)
+    return tuple(result)
+
+
 @attrs.frozen
 class Setting:
     name: str  # attribute and YAML key
@@ -223,12 +276,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_sentinels", "MODEL_SENTINELS", _names, "Model names that mean 'pick one'"),
     Setting("lm_model", "LM_MODEL", _text, "One more sentinel"),
     Setting("preferred_models", "PREFERRED_MODELS", _names, "Priority list for sentinels"),
-    Setting("scan_interval", "SCAN_INTERVAL", _seconds, "Seconds between model-list refreshes"),
+    Setting("scan_hosts", "SCAN_HOSTS", _scan_hosts,
+            "Hosts to discover nodes on: host or host:port, comma separated"),
+    Setting("scan_ports", "SCAN_PORTS", _ports, "Ports tried on each SCAN_HOSTS host"),
+    Setting("scan_interval", "SCAN_INTERVAL", _seconds, "Seconds between two probes of a node"),
     Setting("health_check_timeout", "HEALTH_CHECK_TIMEOUT_SECONDS", _seconds,
             "Time a node has to answer a probe"),
+    Setting("health_fail_threshold", "HEALTH_FAIL_THRESHOLD", _int(1),
+            "Failed probes in a row that mark a node down"),
     Setting("min_healthy_nodes", "MIN_HEALTHY_NODES", _int(0), "/health is 503 below this"),
     Setting("demo", None, _bool, "Start two mock nodes in the same process"),
 )
+
+
+# LM Studio, Ollama, llama.cpp's server, vLLM.
+DEFAULT_SCAN_PORTS: tuple[int, ...] = (1234, 11434, 8080, 8000)
 
 
 @attrs.frozen
@@ -255,8 +317,11 @@ class Settings:
     model_sentinels: tuple[str, ...] = ("auto", "default")
     lm_model: str = ""
     preferred_models: tuple[str, ...] = ()
+    scan_hosts: tuple[str, ...] = ()
+    scan_ports: tuple[int, ...] = DEFAULT_SCAN_PORTS
     scan_interval: float = 10.0
     health_check_timeout: float = 5.0
+    health_fail_threshold: int = 2
     min_healthy_nodes: int = 1
     demo: bool = False
 

@@ -27,6 +27,10 @@ class Node:
     requests: int = 0
     failures: int = 0
     last_error: str = ""
+    discovered: bool = False  # found by the scanner, not configured
+    draining: bool = False  # reserved: a draining node takes no new requests
+    probe_failures: int = 0  # failed probes in a row
+    api: str = ""  # what answered the last good probe: "openai" (/v1/models) or "ollama"
 
     @classmethod
     def create(
@@ -84,4 +88,8 @@ class Node:
             "consecutive_failures": self.breaker.consecutive_failures,
             "breaker": self.breaker.state(now).name.lower(),
             "last_error": self.last_error,
+            "discovered": self.discovered,
+            "draining": self.draining,
+            "probe_failures": self.probe_failures,
+            "api": self.api,
         }
