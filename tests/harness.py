@@ -72,6 +72,15 @@ async def start_mock(nursery: trio.Nursery, **options: Any) -> RunningMock:
     return RunningMock(port, scope, node=node)
 
 
+async def start_mock_on(nursery: trio.Nursery, port: int, **options: Any) -> RunningMock:
+    """A mock node on a given port (e.g. the port of one that was stopped)."""
+    node = MockNode(**options)
+    bound, scope = await _start(
+        nursery, lambda task_status: node.serve("127.0.0.1", port, task_status=task_status)
+    )
+    return RunningMock(bound, scope, node=node)
+
+
 async def start_lb(nursery: trio.Nursery, nodes: list[Running], **options: Any) -> Running:
     settings = Settings(
         host="127.0.0.1",
