@@ -88,7 +88,8 @@ def test_port_in_use_is_exit_2() -> None:
 def test_config_file_and_env(tmp_path: Path) -> None:
     config = tmp_path / "lb.yaml"
     config.write_text("routing_strategy: round_robin\nmin_healthy_nodes: 0\n")
-    with lb_serve(env={"LB_CONFIG": str(config)}) as (_, url):
+    # Nothing configured: lb scans localhost; point that scan at a closed port.
+    with lb_serve(env={"LB_CONFIG": str(config), "SCAN_PORTS": str(free_port())}) as (_, url):
         health = httpx.get(f"{url}/health")
         assert health.json() == {"status": "ok", "nodes_found": 0, "minimum_required": 0}
 
