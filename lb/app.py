@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import signal
+import socket
+import uuid
 from collections.abc import Mapping
 
 import attrs
+import orjson
+import redis
 import trio
 
-from lb.api import debug, health, nodes, proxy
+from lb.api import admin, debug, health, nodes, proxy
 from lb.cluster import scanner
+from lb.cluster.fleet import Fleet, FleetHooks
 from lb.cluster.node import Node
+from lb.cluster.prefs import Prefs
+from lb.cluster.redis_store import RedisStore
 from lb.cluster.registry import Registry
 from lb.config import ConfigError, NodeConfig, Settings
 from lb.http.routes import Router
@@ -63,13 +71,42 @@ async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
 
 def build_registry(settings: Settings) -> Registry:
     return Registry(
-        Node.create(
-            config,
-            capacity=settings.maxconn_for(config),
-            breaker_threshold=settings.breaker_threshold,
-            breaker_ttl=settings.breaker_ttl,
-        )
-        for config in settings.nodes
+        (
+            Node.create(
+                config,
+                capacity=settings.maxconn_for(config),
+                breaker_threshold=settings.breaker_threshold,
+                breaker_ttl=settings.breaker_ttl,
+            )
+            for config in settings.nodes
+        ),
+        prefs=Prefs(preferred_models=settings.preferred_models),
+    )
+
+
+def build_fleet(settings: Settings, registry: Registry, address: str, port: int) -> Fleet:
+    def trip(key: str, seconds: float) -> None:
+        node = registry.nodes.get(key)
+        if node is not None:
+            now = trio.current_time()
+            node.breaker.trip_until(now, now + seconds)
+
+    hooks = FleetHooks(
+        caps=registry.fleet_caps,
+        set_local_caps=registry.set_local_caps,
+        export_table=lambda: orjson.dumps(scanner.node_table(registry)),
+        import_table=lambda raw: scanner.load_table(registry, orjson.loads(raw), settings=settings),
+        get_prefs=lambda: registry.prefs,
+        set_prefs=registry.set_prefs,
+        take_opened_breakers=lambda: registry.take_opened_breakers(trio.current_time()),
+        trip_breaker=trip,
+    )
+    return Fleet(
+        RedisStore(address, settings.redis_prefix),
+        hooks,
+        instance_id=f"{socket.gethostname()}:{port}:{uuid.uuid4().hex[:6]}",
+        sync_secs=settings.redis_sync_secs,
+        table_ttl=max(30.0, 3 * settings.scan_interval),
     )
 
 
@@ -79,11 +116,22 @@ def build_router(
     server: HTTPServer,
     services: Mapping[str, ServiceStats] | None = None,
     scan: scanner.ScanState | None = None,
+    fleet: Fleet | None = None,
 ) -> Router:
+    async def change_prefs(prefs: Prefs) -> bool:
+        registry.set_prefs(prefs)
+        return fleet is not None and await fleet.publish_prefs(prefs)
+
     router = Router()
     health.add_routes(router, lambda: server.draining)
-    nodes.add_routes(router, registry, settings.min_healthy_nodes)
+    nodes.add_routes(
+        router, registry, settings.min_healthy_nodes, fleet.status if fleet else None
+    )
     debug.add_routes(router, registry, services or {}, scan or scanner.ScanState())
+    admin.add_routes(
+        router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
+        change_prefs=change_prefs,
+    )
     proxy.add_routes(router, Dispatcher(registry, settings))
     return router
 
@@ -108,14 +156,30 @@ async def serve(
             log.info("scanning %d address(es) for nodes: %s", len(targets), ", ".join(targets))
         scan = scanner.ScanState(targets=tuple(targets))
         services = {"scanner": ServiceStats()}
-        await scanner.scan_at_start(registry, targets, settings=settings, state=scan)
+        fleet = None
+        if settings.redis_address:
+            fleet = build_fleet(settings, registry, settings.redis_address, listen_port)
+            services["fleet"] = ServiceStats()
+            with trio.move_on_after(2):  # learn the fleet's prefs and leader before serving
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await fleet.sync_once()
+            root.start_soon(supervise, "fleet", fleet.run, services["fleet"])
+        # Every instance scans once at start; then only the leader does (or each, without Redis).
+        after_scan = fleet.publish_table if fleet else None
+        await scanner.scan_at_start(
+            registry, targets, settings=settings, state=scan, after_scan=after_scan
+        )
         root.start_soon(
             supervise, "scanner",
-            lambda: scanner.scan_forever(registry, targets, settings=settings, state=scan),
+            lambda: scanner.scan_forever(
+                registry, targets, settings=settings, state=scan,
+                should_scan=(lambda: fleet.should_scan) if fleet else (lambda: True),
+                after_scan=after_scan,
+            ),
             services["scanner"],
         )
         server = HTTPServer(Router(), server_limits(settings))
-        server.handler = build_router(settings, registry, server, services, scan)
+        server.handler = build_router(settings, registry, server, services, scan, fleet)
 
         async def watch_signals() -> None:
             nonlocal forced
@@ -139,5 +203,8 @@ async def serve(
             shown = f"[{settings.host}]" if ":" in settings.host else settings.host
             print(f"lb listening on http://{shown}:{port}", flush=True)
             task_status.started(port)
+        if fleet is not None:
+            await fleet.leave()  # the fleet need not wait for our heartbeat to expire
+            fleet.store.close()
         root.cancel_scope.cancel()
     return FORCED_EXIT if forced else 0

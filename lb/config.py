@@ -71,6 +71,20 @@ def _seconds(value: Any) -> float:
     return number
 
 
+def _positive_seconds(value: Any) -> float:
+    number = _seconds(value)
+    if number <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return number
+
+
+def _redis_url(value: Any) -> str:
+    text = _text(value)
+    if text and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
 def _port(value: Any) -> int:
     number = _int(0)(value)
     if number > 65535:
@@ -285,6 +299,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_fail_threshold", "HEALTH_FAIL_THRESHOLD", _int(1),
             "Failed probes in a row that mark a node down"),
     Setting("min_healthy_nodes", "MIN_HEALTHY_NODES", _int(0), "/health is 503 below this"),
+    Setting("redis_url", "REDIS_URL", _redis_url, "Redis for a fleet (redis://host:port/db)"),
+    Setting("redis_host", "REDIS_HOST", _text, "Redis host, if REDIS_URL is not given"),
+    Setting("redis_port", "REDIS_PORT", _port, "Redis port, with REDIS_HOST"),
+    Setting("redis_prefix", "REDIS_PREFIX", _text, "Prefix of every key lb writes"),
+    Setting("redis_sync_secs", "REDIS_SYNC_SECS", _positive_seconds,
+            "How often an instance syncs with the fleet"),
+    Setting("admin_key", "LB_ADMIN_KEY", _text, "Bearer key of /v1/admin (empty: disabled)"),
     Setting("demo", None, _bool, "Start two mock nodes in the same process"),
 )
 
@@ -323,7 +344,22 @@ class Settings:
     health_check_timeout: float = 5.0
     health_fail_threshold: int = 2
     min_healthy_nodes: int = 1
+    redis_url: str = ""
+    redis_host: str = ""
+    redis_port: int = 6379
+    redis_prefix: str = "lb:"
+    redis_sync_secs: float = 0.5
+    admin_key: str = ""
     demo: bool = False
+
+    @property
+    def redis_address(self) -> str | None:
+        """Where the fleet's Redis is; None: no fleet, everything in process."""
+        if self.redis_url:
+            return self.redis_url
+        if self.redis_host:
+            return f"redis://{self.redis_host}:{self.redis_port}/0"
+        return None
 
     @property
     def sentinels(self) -> frozenset[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from lb.cluster.registry import Registry
@@ -22,7 +24,12 @@ def _model_entry(model: str, registry: Registry) -> dict[str, object]:
     }
 
 
-def add_routes(router: Router, registry: Registry, min_healthy: int) -> None:
+def add_routes(
+    router: Router,
+    registry: Registry,
+    min_healthy: int,
+    fleet_status: Callable[[], dict[str, object]] | None = None,
+) -> None:
     async def list_models(request: Request) -> Response:
         data = [_model_entry(model, registry) for model in registry.models()]
         return Response.json({"object": "list", "data": data})
@@ -53,11 +60,13 @@ def add_routes(router: Router, registry: Registry, min_healthy: int) -> None:
     async def health(request: Request) -> Response:
         found = len(registry.healthy_nodes())
         ok = found >= min_healthy
-        body = {
+        body: dict[str, object] = {
             "status": "ok" if ok else "unhealthy",
             "nodes_found": found,
             "minimum_required": min_healthy,
         }
+        if fleet_status is not None:  # a Redis outage degrades, it does not fail /health
+            body.update(fleet_status())
         return Response.json(body, status=200 if ok else 503)
 
     router.add("GET", "/v1/models", list_models)

@@ -94,6 +94,7 @@ class Fleet:
         self._seen_since: float | None = None  # when our heartbeat was first seen
         self._last_table: bytes | None = None
         self._unsent_breakers: dict[str, float] = {}
+        self._tripped: dict[str, int] = {}  # node -> the shared opening last applied here
 
     @property
     def should_scan(self) -> bool:
@@ -146,7 +147,10 @@ class Fleet:
             self._last_table = result.registry
             self.hooks.import_table(result.registry)
         for node, until_ms in result.breakers.items():
-            self.hooks.trip_breaker(node, (until_ms - result.now_ms) / 1000)
+            if self._tripped.get(node) != until_ms:  # each opening once: a probe may close it
+                self._tripped[node] = until_ms
+                self.hooks.trip_breaker(node, (until_ms - result.now_ms) / 1000)
+        self._tripped = {node: self._tripped[node] for node in result.breakers}
         self._apply_shares(now)
 
     async def _apply_prefs(self, result: SyncResult) -> None:

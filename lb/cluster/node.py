@@ -31,6 +31,7 @@ class Node:
     draining: bool = False  # reserved: a draining node takes no new requests
     probe_failures: int = 0  # failed probes in a row
     api: str = ""  # what answered the last good probe: "openai" (/v1/models) or "ollama"
+    maxconn: int = 0  # the configured fleet-wide cap (0 = none); the limiter holds our share
 
     @classmethod
     def create(
@@ -41,6 +42,7 @@ class Node:
             limiter=trio.CapacityLimiter(_limiter_size(capacity)),
             breaker=CircuitBreaker(threshold=breaker_threshold, ttl=breaker_ttl),
             pool=ConnectionPool(config.url),
+            maxconn=capacity,
         )
 
     @property
@@ -61,7 +63,7 @@ class Node:
 
     @property
     def capacity(self) -> int:
-        """The concurrency cap; 0 means none."""
+        """This instance's concurrency cap for the node (its share of the fleet's); 0: none."""
         total = self.limiter.total_tokens
         return 0 if total == math.inf else int(total)
 
@@ -80,7 +82,8 @@ class Node:
             "models": list(self.models),
             "healthy": self.healthy,
             "inflight": self.inflight,
-            "maxconn": self.capacity,
+            "maxconn": self.maxconn,
+            "local_maxconn": self.capacity,
             "weight": self.weight,
             "labels": dict(self.config.labels),
             "requests": self.requests,

@@ -6,17 +6,21 @@ without any work proportional to the fleet's size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import trio
 
 from lb.cluster.node import Node
-from lb.routing.resolve import is_embedding_model
+from lb.cluster.prefs import Prefs
 
 
 class Registry:
-    def __init__(self, nodes: Iterable[Node] = ()) -> None:
+    def __init__(self, nodes: Iterable[Node] = (), prefs: Prefs | None = None) -> None:
         self.nodes: dict[str, Node] = {}
+        self.prefs = prefs or Prefs()
+        # Breakers this instance saw open since the fleet last synced: node -> open until.
+        self._opened: dict[str, float] = {}
         self._by_model: dict[str, list[Node]] = {}
         self._counts: dict[str, int] = {}
         # Dispatch parks here while every eligible node is full; a released slot wakes it.
@@ -27,6 +31,7 @@ class Registry:
 
     def add(self, node: Node) -> None:
         self.nodes[node.key] = node
+        node.capacity = self.fleet_cap(node)  # a fleet shrinks it to a share at its next sync
         self._reindex()
 
     def remove(self, key: str) -> Node | None:
@@ -66,8 +71,35 @@ class Registry:
     def models(self) -> list[str]:
         return sorted(self._counts)
 
-    def model_kind(self, model: str) -> str:
-        return "embedding" if is_embedding_model(model) else "chat"
+    def fleet_cap(self, node: Node) -> int:
+        """The node's cap over the whole fleet: an admin override, else the configured one."""
+        return self.prefs.maxconn.get(node.key, node.maxconn)
+
+    def fleet_caps(self) -> dict[str, int]:
+        return {key: self.fleet_cap(node) for key, node in self.nodes.items()}
+
+    def set_prefs(self, prefs: Prefs) -> None:
+        """New admin preferences; alone, this instance holds each node's whole cap (the fleet
+        replaces that with shares at its next sync)."""
+        self.prefs = prefs
+        self.set_local_caps({key: cap or None for key, cap in self.fleet_caps().items()})
+
+    def set_local_caps(self, caps: dict[str, int | None]) -> None:
+        """This instance's limit per node: None for no cap, else that many (0 included)."""
+        for key, cap in caps.items():
+            node = self.nodes.get(key)
+            limit = math.inf if cap is None else cap
+            if node is not None and node.limiter.total_tokens != limit:
+                node.limiter.total_tokens = limit
+                self.slot_freed.unpark_all()
+
+    def breaker_opened(self, node: Node, until: float) -> None:
+        self._opened[node.key] = until
+
+    def take_opened_breakers(self, now: float) -> dict[str, float]:
+        """Breakers opened here since the last call, as seconds they stay open."""
+        opened, self._opened = self._opened, {}
+        return {key: until - now for key, until in opened.items() if until > now}
 
     def release(self, node: Node, token: object) -> None:
         node.limiter.release_on_behalf_of(token)

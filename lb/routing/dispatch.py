@@ -79,7 +79,7 @@ class Dispatcher:
         try:
             return resolve_model(
                 requested, self.registry.model_counts(), kind=kind, sentinels=self.sentinels,
-                preferred=self.settings.preferred_models, prefer_small=prefer_small,
+                preferred=self.registry.prefs.preferred_models, prefer_small=prefer_small,
             )
         except ModelNotFound as exc:
             raise HTTPError(404, str(exc), code="model_not_found", param="model") from None
@@ -346,7 +346,11 @@ class _Attempts:
             node.breaker.record_success(now)
         else:
             node.failures += 1
+            was_open = node.breaker.open_until()
             node.breaker.record_failure(now)
+            until = node.breaker.open_until()
+            if until is not None and until != was_open:  # it just opened: tell the fleet
+                self.dispatcher.registry.breaker_opened(node, until)
 
 
 def _end_to_end(headers: Headers) -> Headers:
