@@ -100,6 +100,7 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         set_prefs=registry.set_prefs,
         take_opened_breakers=lambda: registry.take_opened_breakers(trio.current_time()),
         trip_breaker=trip,
+        inflight=registry.inflight,
     )
     return Fleet(
         RedisStore(address, settings.redis_prefix),
@@ -108,6 +109,17 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         sync_secs=settings.redis_sync_secs,
         table_ttl=max(30.0, 3 * settings.scan_interval),
     )
+
+
+async def join_fleet(fleet: Fleet) -> None:
+    """Learn the fleet's prefs and leader, and wait until the other instances count us, so
+    that we serve from the start with our share of every node's cap (Redis down: go on)."""
+    with trio.move_on_after(3 * fleet.sync_secs + 2), contextlib.suppress(
+        redis.RedisError, OSError
+    ):
+        await fleet.sync_once()
+        await trio.sleep(2 * fleet.sync_secs)
+        await fleet.sync_once()
 
 
 def build_router(
@@ -160,9 +172,7 @@ async def serve(
         if settings.redis_address:
             fleet = build_fleet(settings, registry, settings.redis_address, listen_port)
             services["fleet"] = ServiceStats()
-            with trio.move_on_after(2):  # learn the fleet's prefs and leader before serving
-                with contextlib.suppress(redis.RedisError, OSError):
-                    await fleet.sync_once()
+            await join_fleet(fleet)
             root.start_soon(supervise, "fleet", fleet.run, services["fleet"])
         # Every instance scans once at start; then only the leader does (or each, without Redis).
         after_scan = fleet.publish_table if fleet else None

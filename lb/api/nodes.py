@@ -43,7 +43,8 @@ def add_routes(
 
     async def list_nodes(request: Request) -> Response:
         now = trio.current_time()
-        return Response.json({"nodes": [node.describe(now) for node in registry.nodes.values()]})
+        nodes = [node.describe(now, registry.fleet_cap(node)) for node in registry.nodes.values()]
+        return Response.json({"nodes": nodes})
 
     async def eligible_nodes(request: Request) -> Response:
         model = request.query_params().get("model")
@@ -52,7 +53,7 @@ def add_routes(
                             param="model")
         now = trio.current_time()
         nodes = [
-            node.describe(now) for node in registry.serving(model)
+            node.describe(now, registry.fleet_cap(node)) for node in registry.serving(model)
             if node.breaker.allows(now)
         ]
         return Response.json({"model": model, "nodes": nodes})

@@ -7,7 +7,10 @@ is applied to the in-process registry, which is all the request path reads.
 
 Fleet-wide capacity: each instance may hold a share of a node's cap, computed from the sorted
 live instance ids, so the shares add up to the cap. A new instance takes its share only after
-its heartbeat has been visible for two syncs, when every other instance has shrunk its own.
+its heartbeat has been visible for two syncs, when every other instance has shrunk its own; and
+while another instance still has more in flight than its new share (admitted before the
+change), the difference is held back. Each instance publishes its in-flight counts per node
+with its heartbeat for that.
 
 If Redis goes away, everything keeps working on the last known state: each instance scans for
 itself, keeps its last shares, reports `redis: down`, and reconnects with backoff.
@@ -60,7 +63,9 @@ class FleetHooks:
         set_prefs: Callable[[Prefs], None],
         take_opened_breakers: Callable[[], dict[str, float]],  # node -> seconds still open
         trip_breaker: Callable[[str, float], None],  # node, seconds to stay open
+        inflight: Callable[[], dict[str, int]],  # node -> requests in flight from here
     ) -> None:
+        self.inflight = inflight
         self.caps = caps
         self.set_local_caps = set_local_caps
         self.export_table = export_table
@@ -129,7 +134,8 @@ class Fleet:
     async def sync_once(self) -> None:
         opened = self.hooks.take_opened_breakers()
         self._unsent_breakers.update(opened)
-        result = await self.store.sync(self.id, self.ttl, self._unsent_breakers)
+        load = orjson.dumps(self.hooks.inflight())
+        result = await self.store.sync(self.id, self.ttl, self._unsent_breakers, load)
         self._unsent_breakers = {}
         if not self.redis_up:
             log.info("redis is up; instance %s joins the fleet", self.id)
@@ -151,7 +157,7 @@ class Fleet:
                 self._tripped[node] = until_ms
                 self.hooks.trip_breaker(node, (until_ms - result.now_ms) / 1000)
         self._tripped = {node: self._tripped[node] for node in result.breakers}
-        self._apply_shares(now)
+        self._apply_shares(now, result)
 
     async def _apply_prefs(self, result: SyncResult) -> None:
         local = self.hooks.get_prefs()
@@ -167,13 +173,34 @@ class Fleet:
         else:  # changed here while Redis was away
             await self.publish_prefs(local)
 
-    def _apply_shares(self, now: float) -> None:
-        settled = self._seen_since is not None and now - self._seen_since >= 2 * self.sync_secs
-        caps = self.hooks.caps()
+    @property
+    def settled(self) -> bool:
+        """Our heartbeat has been visible long enough for every instance to count us."""
+        return (
+            self._seen_since is not None
+            and trio.current_time() - self._seen_since >= 2 * self.sync_secs
+        )
+
+    def _apply_shares(self, now: float, result: SyncResult) -> None:
+        loads = {}
+        for instance, raw in result.loads.items():
+            if instance != self.id:
+                with contextlib.suppress(ValueError):
+                    loads[instance] = orjson.loads(raw)
         local: dict[str, int | None] = {}
-        for key, cap in caps.items():
-            part = share(cap, self.instances, self.id, key)
-            local[key] = 0 if part is not None and not settled else part
+        for key, cap in self.hooks.caps().items():
+            mine = share(cap, self.instances, self.id, key)
+            if mine is None or not self.settled:
+                local[key] = None if mine is None else 0
+                continue
+            # Another instance may still hold more than its new share (requests it admitted
+            # before we joined): take only what is really free.
+            others = sum(
+                max(int(loads.get(other, {}).get(key, 0)), share(cap, self.instances, other, key)
+                    or 0)
+                for other in self.instances if other != self.id
+            )
+            local[key] = max(0, min(mine, cap - others))
         self.hooks.set_local_caps(local)
 
     async def publish_table(self) -> None:

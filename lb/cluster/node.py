@@ -74,15 +74,15 @@ class Node:
     def is_full(self) -> bool:
         return self.limiter.available_tokens < 1
 
-    def describe(self, now: float) -> dict[str, object]:
-        """The node as `/v1/nodes` shows it."""
+    def describe(self, now: float, maxconn: int | None = None) -> dict[str, object]:
+        """The node as `/v1/nodes` shows it; `maxconn`: the cap in force (an admin override)."""
         return {
             "node": self.key,
             "url": self.url,
             "models": list(self.models),
             "healthy": self.healthy,
             "inflight": self.inflight,
-            "maxconn": self.maxconn,
+            "maxconn": self.maxconn if maxconn is None else maxconn,
             "local_maxconn": self.capacity,
             "weight": self.weight,
             "labels": dict(self.config.labels),

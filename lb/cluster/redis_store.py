@@ -19,7 +19,8 @@ import trio
 T = TypeVar("T")
 
 # KEYS: instances (zset id -> expiry ms), leader, registry, prefs, breakers (hash node -> until)
-# ARGV: id, ttl_ms, then pairs node, open_for_ms of breakers this instance saw open
+# ARGV: id, ttl_ms, this instance's load (JSON node -> in flight), the key prefix, then pairs
+#       node, open_for_ms of breakers this instance saw open
 _SYNC = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -27,12 +28,19 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', ARGV[4] .. 'load:' .. ARGV[1], ARGV[3], 'PX', ttl)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+local loads = {}
+for _, id in ipairs(live) do
+  table.insert(loads, id)
+  table.insert(loads, redis.call('GET', ARGV[4] .. 'load:' .. id))
+end
 local leader = redis.call('GET', KEYS[2])
 if not leader or leader == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
   leader = ARGV[1]
 end
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local until_ms = now + tonumber(ARGV[i + 1])
   local current = tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0')
   if until_ms > current then redis.call('HSET', KEYS[5], ARGV[i], until_ms) end
@@ -52,13 +60,13 @@ for i = 1, #all, 2 do
 end
 if longest > 0 then redis.call('PEXPIRE', KEYS[5], longest) end
 if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PEXPIRE', KEYS[4], ttl) end
-return {now, redis.call('ZRANGE', KEYS[1], 0, -1), leader, redis.call('GET', KEYS[3]),
-        redis.call('GET', KEYS[4]), open}
+return {now, live, leader, redis.call('GET', KEYS[3]), redis.call('GET', KEYS[4]), open, loads}
 """
 
 # KEYS: instances, leader; ARGV: id
 _LEAVE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """
@@ -72,6 +80,7 @@ class SyncResult:
     registry: bytes | None  # the leader's node table (JSON)
     prefs: bytes | None  # the fleet's admin preferences (JSON)
     breakers: Mapping[str, int]  # node key -> open until (Redis ms)
+    loads: Mapping[str, bytes]  # instance -> its in-flight requests per capped node (JSON)
 
 
 class RedisStore:
@@ -98,15 +107,16 @@ class RedisStore:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
 
     async def sync(
-        self, instance: str, ttl: float, breakers: Mapping[str, float] | None = None
+        self, instance: str, ttl: float, breakers: Mapping[str, float] | None = None,
+        load: bytes = b"{}",
     ) -> SyncResult:
-        """Heartbeat, lease, breaker exchange, registry and prefs in one round trip."""
-        args: list[Any] = [instance, int(ttl * 1000)]
+        """Heartbeat, lease, loads, breaker exchange, registry and prefs in one round trip."""
+        args: list[Any] = [instance, int(ttl * 1000), load, self.prefix]
         for node, open_for in (breakers or {}).items():
             args += [node, max(1, int(open_for * 1000))]
         keys = [self.key(k) for k in ("instances", "leader", "registry", "prefs", "breakers")]
         raw = await self._run(functools.partial(self._sync, keys=keys, args=args))
-        now, instances, leader, registry, prefs, open_list = raw
+        now, instances, leader, registry, prefs, open_list, loads = raw
         return SyncResult(
             now_ms=int(now),
             instances=tuple(sorted(i.decode() for i in instances)),
@@ -115,6 +125,9 @@ class RedisStore:
             prefs=prefs,
             breakers={
                 open_list[i].decode(): int(open_list[i + 1]) for i in range(0, len(open_list), 2)
+            },
+            loads={
+                loads[i].decode(): loads[i + 1] for i in range(0, len(loads), 2) if loads[i + 1]
             },
         )
 
@@ -126,7 +139,7 @@ class RedisStore:
     async def leave(self, instance: str) -> None:
         """Drop this instance's heartbeat and lease at once, so the fleet need not wait for
         the TTLs."""
-        keys = [self.key("instances"), self.key("leader")]
+        keys = [self.key("instances"), self.key("leader"), self.key(f"load:{instance}")]
         await self._run(functools.partial(self._leave, keys=keys, args=[instance]))
 
     def close(self) -> None:

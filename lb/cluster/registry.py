@@ -93,6 +93,10 @@ class Registry:
                 node.limiter.total_tokens = limit
                 self.slot_freed.unpark_all()
 
+    def inflight(self) -> dict[str, int]:
+        """Requests in flight from this instance, per node that has a cap."""
+        return {key: node.inflight for key, node in self.nodes.items() if self.fleet_cap(node)}
+
     def breaker_opened(self, node: Node, until: float) -> None:
         self._opened[node.key] = until
 
