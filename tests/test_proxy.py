@@ -417,6 +417,20 @@ async def test_deadline_is_504_and_node_sees_the_disconnect(nursery: trio.Nurser
                 await trio.sleep(0.01)
 
 
+@pytest.mark.parametrize("budget", ["soon", "nan", "-5", "inf"])
+async def test_bad_request_budget_is_400(nursery: trio.Nursery, budget: str) -> None:
+    with trio.fail_after(10):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await start_lb(nursery, [node])
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"{lb.url}/v1/chat/completions", json={"model": MODEL, **CHAT},
+                headers={"x-request-budget-ms": budget},
+            )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["param"] == "x-request-budget-ms"
+
+
 async def test_attempt_timeout_moves_to_another_node(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         slow = await start_mock(nursery, models=(MODEL,))

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 import uuid
 from collections.abc import Sequence
 
 import attrs
+import orjson
 import trio
 
 from lb.cluster.node import Node
@@ -105,7 +107,7 @@ class Dispatcher:
         model = self.resolve(requested, kind, request.header(b"x-prefer-small") in (b"1", b"true"))
         if model != requested:
             body["model"] = model
-            raw = _dumps(body)
+            raw = orjson.dumps(body)
         budget = self._budget(request)
         nodes = self.registry.serving(model)
         forced = request.query_params().get("node") if request.query else None
@@ -142,12 +144,15 @@ class Dispatcher:
         header = request.header(b"x-request-budget-ms")
         if header is not None:
             try:
-                budget = min(budget, max(0.0, float(header) / 1000))
+                millis = float(header)
             except ValueError:
+                millis = math.nan
+            if not math.isfinite(millis) or millis < 0:
                 raise HTTPError(
-                    400, "x-request-budget-ms must be a number of milliseconds",
+                    400, "x-request-budget-ms must be a number of milliseconds >= 0",
                     code="invalid_header", param="x-request-budget-ms",
-                ) from None
+                )
+            budget = min(budget, millis / 1000)
         return budget
 
     # --- execution (the response writer) ---
@@ -165,7 +170,6 @@ class Dispatcher:
             await send(error_event(error_payload(message, status=504, code="deadline_exceeded")))
             return
         raise HTTPError(504, message, code="deadline_exceeded", headers=attempt.meta_headers())
-
 
 
 class _NodeFailed(Exception):
@@ -359,9 +363,3 @@ def _end_to_end(headers: Headers) -> Headers:
 
 def _stream_error(message: str) -> bytes:
     return error_event(error_payload(message, status=502, code="upstream_stream_error"))
-
-
-def _dumps(body: dict[str, object]) -> bytes:
-    import orjson
-
-    return orjson.dumps(body)
