@@ -487,6 +487,25 @@ async def test_mid_stream_failure_is_one_error_event(nursery: trio.Nursery) -> N
         assert await a.chats() + await b.chats() == 1  # no retry once bytes reached the client
 
 
+async def test_stream_gone_quiet_is_one_error_event(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await start_lb(nursery, [node], stream_idle_timeout=0.2)
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"{lb.url}/v1/chat/completions", json={"model": MODEL, "stream": True, **CHAT},
+                headers={"x-mock-fault": "itl-ms=2000,tokens=5"},
+            )
+        events = [e for e in answer.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        errors = [e for e in events if b'"error"' in e]
+        assert len(errors) == 1 and b"idle" in errors[0]
+        assert len(events) == 2 + 1 + 1  # role chunk and first token, the error, [DONE]
+        with trio.fail_after(1):
+            while (await node.stats())["disconnects"] != 1:
+                await trio.sleep(0.01)  # and the node's stream was closed
+
+
 async def test_stream_that_fails_before_any_byte_is_retried(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         a = await start_mock(nursery, models=(MODEL,), tokens=4, fault="drop-after=0")
