@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import signal
 import socket
 import uuid
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import orjson
-import redis
 import trio
 
 from lb.api import admin, debug, health, nodes, proxy
 from lb.cluster import scanner
-from lb.cluster.fleet import Fleet, FleetHooks
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
-from lb.cluster.redis_store import RedisStore
 from lb.cluster.registry import Registry
 from lb.config import ConfigError, NodeConfig, Settings
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.routing.dispatch import Dispatcher
 from lb.supervise import ServiceStats, supervise
+
+if TYPE_CHECKING:
+    from lb.cluster.fleet import Fleet
 
 log = logging.getLogger("lb")
 
@@ -85,6 +85,10 @@ def build_registry(settings: Settings) -> Registry:
 
 
 def build_fleet(settings: Settings, registry: Registry, address: str, port: int) -> Fleet:
+    # Imported here: redis-py costs ~8 MB and 0.1 s at start, for fleets only.
+    from lb.cluster.fleet import Fleet, FleetHooks
+    from lb.cluster.redis_store import RedisStore
+
     def trip(key: str, seconds: float) -> None:
         node = registry.nodes.get(key)
         if node is not None:
@@ -109,17 +113,6 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         sync_secs=settings.redis_sync_secs,
         table_ttl=max(30.0, 3 * settings.scan_interval),
     )
-
-
-async def join_fleet(fleet: Fleet) -> None:
-    """Learn the fleet's prefs and leader, and wait until the other instances count us, so
-    that we serve from the start with our share of every node's cap (Redis down: go on)."""
-    with trio.move_on_after(3 * fleet.sync_secs + 2), contextlib.suppress(
-        redis.RedisError, OSError
-    ):
-        await fleet.sync_once()
-        await trio.sleep(2 * fleet.sync_secs)
-        await fleet.sync_once()
 
 
 def build_router(
@@ -172,7 +165,7 @@ async def serve(
         if settings.redis_address:
             fleet = build_fleet(settings, registry, settings.redis_address, listen_port)
             services["fleet"] = ServiceStats()
-            await join_fleet(fleet)
+            await fleet.join()
             root.start_soon(supervise, "fleet", fleet.run, services["fleet"])
         # Every instance scans once at start; then only the leader does (or each, without Redis).
         after_scan = fleet.publish_table if fleet else None

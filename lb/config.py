@@ -27,10 +27,12 @@ class NodeConfig:
     maxconn: int | None = None  # None: DEFAULT_MAXCONN / MAXCONN_MAP decide
     weight: float = 1.0
     labels: Mapping[str, str] = attrs.field(factory=dict)
+    # host:port, the name a node goes by in headers, MAXCONN_MAP and `?node=`; computed once
+    # because the request path reads it several times.
+    key: str = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """host:port, the name a node goes by in headers, MAXCONN_MAP and `?node=`."""
+    @key.default
+    def _key(self) -> str:
         parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port}"
 

@@ -29,7 +29,7 @@ from lb.http.sse import error_event
 from lb.http.types import Headers, Request, Response, SendBody
 from lb.routing import strategies
 from lb.routing.resolve import ModelKind, ModelNotFound, resolve_model
-from lb.upstream.client import UpstreamError
+from lb.upstream.client import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("lb.dispatch")
 
@@ -74,6 +74,12 @@ class Dispatcher:
         self.sentinels = settings.sentinels
         self._counter = itertools.count()
         self._rng = rng or random.Random()
+        # Request ids: a random prefix per process and a counter (no syscall per request).
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count(1)
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):08x}"
 
     # --- planning (no I/O) ---
 
@@ -134,7 +140,7 @@ class Dispatcher:
             candidates=self.order(open_nodes, session.decode("latin-1") if session else None),
             deadline=arrival + budget,
             budget=budget,
-            request_id=request_id.decode("latin-1") if request_id else uuid.uuid4().hex,
+            request_id=request_id.decode("latin-1") if request_id else self._new_request_id(),
             headers=[(k, v) for k, v in request.headers if k not in _NOT_TO_NODE],
             max_attempts=1 if forced else 1 + self.settings.max_retries,
         )
@@ -316,14 +322,20 @@ class _Attempts:
         finally:
             self._record(node, verdict)
 
-    async def _pump(self, up: object, scope: trio.CancelScope) -> None:
+    async def _pump(self, up: UpstreamResponse, scope: trio.CancelScope) -> None:
         """Forward SSE bytes as they arrive, whole events at a time."""
         idle = self.dispatcher.settings.stream_idle_timeout
+        # Moving a deadline costs; let it lag by up to a tenth of the idle timeout, so a quiet
+        # stream is cut after 0.9 to 1.0 times STREAM_IDLE_TIMEOUT_SECS, never later.
+        lag = idle - idle / 10
         deadline = self.plan.deadline
-        receive = up.receive_some  # type: ignore[attr-defined]
+        receive = up.receive_some
         pending = b""
+        scope.deadline = min(deadline, trio.current_time() + idle)  # replaces the attempt's
         while True:
-            scope.deadline = min(deadline, trio.current_time() + idle)
+            now = trio.current_time()
+            if scope.deadline < deadline and scope.deadline - now < lag:
+                scope.deadline = min(deadline, now + idle)
             data = await receive()
             if not data:
                 if pending:
