@@ -71,15 +71,7 @@ async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
 
 def build_registry(settings: Settings) -> Registry:
     return Registry(
-        (
-            Node.create(
-                config,
-                capacity=settings.maxconn_for(config),
-                breaker_threshold=settings.breaker_threshold,
-                breaker_ttl=settings.breaker_ttl,
-            )
-            for config in settings.nodes
-        ),
+        (Node.from_settings(config, settings) for config in settings.nodes),
         prefs=Prefs(preferred_models=settings.preferred_models),
     )
 

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 import trio
 
+from lb.api.nodes import model_param
 from lb.cluster.node import Node
 from lb.cluster.registry import Registry
 from lb.cluster.scanner import ScanState
-from lb.http.errors import HTTPError
 from lb.http.routes import Router
 from lb.http.types import Request, Response
 from lb.supervise import ServiceStats
@@ -44,10 +44,7 @@ def add_routes(
     scan: ScanState,
 ) -> None:
     async def eligible(request: Request) -> Response:
-        model = request.query_params().get("model")
-        if not model:
-            raise HTTPError(400, "Query parameter 'model' is required", code="missing_parameter",
-                            param="model")
+        model = model_param(request)
         now = trio.current_time()
         nodes = [
             {"node": node.key, "url": node.url, "reason": eligibility(node, model, now)}

@@ -14,6 +14,15 @@ from lb.http.types import Request, Response
 CREATED = 1700000000  # OpenAI's list shape needs a timestamp; the node's own is not shared
 
 
+def model_param(request: Request) -> str:
+    """The `model` query parameter, which these views require."""
+    model = request.query_params().get("model")
+    if not model:
+        raise HTTPError(400, "Query parameter 'model' is required", code="missing_parameter",
+                        param="model")
+    return model
+
+
 def _model_entry(model: str, registry: Registry) -> dict[str, object]:
     return {
         "id": model,
@@ -47,10 +56,7 @@ def add_routes(
         return Response.json({"nodes": nodes})
 
     async def eligible_nodes(request: Request) -> Response:
-        model = request.query_params().get("model")
-        if not model:
-            raise HTTPError(400, "Query parameter 'model' is required", code="missing_parameter",
-                            param="model")
+        model = model_param(request)
         now = trio.current_time()
         nodes = [
             node.describe(now, registry.fleet_cap(node)) for node in registry.serving(model)

@@ -8,7 +8,7 @@ import attrs
 import trio
 
 from lb.cluster.breaker import CircuitBreaker
-from lb.config import NodeConfig
+from lb.config import NodeConfig, Settings
 from lb.upstream.client import ConnectionPool
 
 
@@ -43,6 +43,16 @@ class Node:
             breaker=CircuitBreaker(threshold=breaker_threshold, ttl=breaker_ttl),
             pool=ConnectionPool(config.url),
             maxconn=capacity,
+        )
+
+    @classmethod
+    def from_settings(cls, config: NodeConfig, settings: Settings) -> Node:
+        """A node with the cap (MAXCONN_MAP / DEFAULT_MAXCONN) and breaker the settings give."""
+        return cls.create(
+            config,
+            capacity=settings.maxconn_for(config),
+            breaker_threshold=settings.breaker_threshold,
+            breaker_ttl=settings.breaker_ttl,
         )
 
     @property

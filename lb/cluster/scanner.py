@@ -282,13 +282,7 @@ def apply(registry: Registry, observations: Iterable[Observation], *, settings: 
             if seen.api == LB:
                 log.debug("%s is another lb; not adding it as a node", seen.key)
                 continue
-            config = NodeConfig(url=seen.url)
-            node = Node.create(
-                config,
-                capacity=settings.maxconn_for(config),
-                breaker_threshold=settings.breaker_threshold,
-                breaker_ttl=settings.breaker_ttl,
-            )
+            node = Node.from_settings(NodeConfig(url=seen.url), settings)
             node.discovered = True
             registry.add(node)
             log.info("discovered node %s (%s)", node.key, seen.api)
@@ -356,13 +350,7 @@ def load_table(
         key = NodeConfig(url).key
         node = registry.nodes.get(key)
         if node is None:
-            config = NodeConfig(url=url)
-            node = Node.create(
-                config,
-                capacity=settings.maxconn_for(config),
-                breaker_threshold=settings.breaker_threshold,
-                breaker_ttl=settings.breaker_ttl,
-            )
+            node = Node.from_settings(NodeConfig(url=url), settings)
             node.discovered = True
             registry.add(node)
             log.info("node %s learnt from the scanning instance", key)
