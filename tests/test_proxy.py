@@ -163,6 +163,27 @@ async def test_unknown_fields_pass_through(nursery: trio.Nursery) -> None:
         assert body["optillm_approach"] == "moa" and body["top_k"] == 3
 
 
+async def test_node_gets_json_content_type_and_no_hop_by_hop_headers(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await start_lb(nursery, [node])
+        body = orjson.dumps({"model": MODEL, **CHAT})
+        sock = await trio.open_tcp_stream("127.0.0.1", lb.port)
+        await sock.send_all(  # no content-type at all, and headers that are the hop's own
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nkeep-alive: timeout=5\r\n"
+            b"te: trailers\r\naccept-encoding: gzip\r\nx-custom: kept\r\n"
+            b"content-length: %d\r\n\r\n" % len(body) + body
+        )
+        assert b"200" in (await sock.receive_some(65536)).split(b"\r\n")[0]
+        await sock.aclose()
+        headers = (await node.requests())[-1]["headers"]
+        assert headers["content-type"] == "application/json"
+        assert headers["x-custom"] == "kept"
+        assert not {"keep-alive", "te", "accept-encoding"} & set(headers)
+
+
 async def test_preferred_models_and_prefer_small(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         node = await start_mock(nursery, models=("qwen3-8b", "gemma3-270m", "llama-3.1-70b"))

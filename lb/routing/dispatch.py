@@ -47,7 +47,9 @@ _HOP_BY_HOP = frozenset(
         b"host", b"content-length", b"expect",
     }
 )
-_NOT_TO_NODE = _HOP_BY_HOP | {b"accept-encoding"}
+# lb parsed the body as JSON and says so itself; compressed answers could not be spliced.
+_NOT_TO_NODE = _HOP_BY_HOP | {b"accept-encoding", b"content-type"}
+_JSON = (b"content-type", b"application/json")
 
 
 @attrs.define(slots=True)
@@ -141,7 +143,7 @@ class Dispatcher:
             deadline=arrival + budget,
             budget=budget,
             request_id=request_id.decode("latin-1") if request_id else self._new_request_id(),
-            headers=[(k, v) for k, v in request.headers if k not in _NOT_TO_NODE],
+            headers=[_JSON, *(item for item in request.headers if item[0] not in _NOT_TO_NODE)],
             max_attempts=1 if forced else 1 + self.settings.max_retries,
         )
 
