@@ -125,6 +125,28 @@ def test_demo_serves_chat_and_drains_on_sigterm() -> None:
         assert process.wait(10) == 0
 
 
+def test_readiness_is_503_while_draining() -> None:
+    """A readiness check pipelined behind a stream is answered during the drain: 503."""
+    with lb_serve("--demo") as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        body = b'{"model": "auto", "stream": true, "messages": [{"role": "user", "content": "x"}]}'
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: lb\r\n"
+                b"x-mock-fault: itl-ms=50,tokens=10\r\ncontent-length: %d\r\n\r\n" % len(body)
+                + body + b"GET /health/readiness HTTP/1.1\r\nhost: lb\r\n\r\n"
+            )
+            received = sock.recv(65536)  # the stream has begun
+            process.send_signal(signal.SIGTERM)
+            while chunk := sock.recv(65536):
+                received += chunk
+        stream, _, readiness = received.partition(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert stream.startswith(b"HTTP/1.1 200")
+        assert readiness.startswith(b"HTTP/1.1 503"), readiness[:200]
+        assert b'"draining"' in readiness and b"connection: close" in readiness
+        assert process.wait(10) == 0
+
+
 def test_drain_cancels_what_outlives_the_grace() -> None:
     with lb_serve("--demo", env={"LB_DRAIN_SECS": "0.3"}) as (process, url):
         body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
