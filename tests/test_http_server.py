@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from lb.http.errors import HTTPError
 from lb.http.routes import Router
-from lb.http.server import HTTPServer, ServerLimits
+from lb.http.server import MAX_PIPELINED_BYTES, HTTPServer, ServerLimits
 from lb.http.types import Handler, Request, Response, SendBody
 
 HOST = "127.0.0.1"
@@ -795,6 +795,156 @@ async def test_client_disconnect_cancels_the_handler(
             await cancelled.wait()
             await assert_serving(port)
     assert_no_exceptions(caplog)
+
+
+async def test_client_disconnect_on_a_kept_alive_connection_cancels_the_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection's reader outlives single requests: a later request is watched too."""
+    started = trio.Event()
+    cancelled = trio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path != "/wait":
+            return await echo(request)
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    with trio.fail_after(5):
+        async with serving(handler) as (_, port):
+            client = await Client.open(port)
+            for i in range(3):
+                assert (await client.request(post(f"/r{i}", b"x" * i))).status == 200
+            await client.send(get("/wait"))
+            await started.wait()
+            await client.aclose()
+            await cancelled.wait()
+            await assert_serving(port)
+    assert_no_exceptions(caplog)
+
+
+# --- the connection's tasks ----------------------------------------------------------------
+
+
+def all_tasks() -> list[trio.lowlevel.Task]:
+    tasks = []
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        assert task is not None
+        tasks.append(task)
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return tasks
+
+
+async def test_requests_on_a_connection_start_no_tasks() -> None:
+    """The handler runs in the connection's own task, and no task is started per request:
+    while a handler runs there are as many tasks as while the connection is idle."""
+    seen: list[tuple[trio.lowlevel.Task, int]] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append((trio.lowlevel.current_task(), len(all_tasks())))
+        return await echo(request)
+
+    with trio.fail_after(5):
+        async with serving(handler) as (_, port):
+            client = await Client.open(port)
+            assert (await client.request(get("/first"))).status == 200
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            idle = len(all_tasks())
+            for i in range(4):
+                assert (await client.request(post(f"/r{i}", b"body"))).status == 200
+            await client.send(get("/a") + get("/b"))  # pipelined
+            await client.response()
+            await client.response()
+            await client.aclose()
+    assert len(seen) == 7
+    assert len({task for task, _ in seen}) == 1
+    assert [count for _, count in seen[1:]] == [idle] * 6
+
+
+async def test_connection_tasks_end_with_the_connection() -> None:
+    async def handler(request: Request) -> Response:
+        if request.path == "/wait":
+            await trio.sleep_forever()
+        return await echo(request)
+
+    with trio.fail_after(5):
+        async with serving(handler, keepalive_timeout=0.2, header_timeout=0.2) as (_, port):
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            baseline = len(all_tasks())
+            closed = await Client.open(port)  # closed by the client after a request
+            assert (await closed.request(get("/"))).status == 200
+            idle = await Client.open(port)  # closed by the server: keep-alive timeout
+            assert (await idle.request(get("/"))).status == 200
+            silent = await Client.open(port)  # closed by the server with 408
+            waiting = await Client.open(port)  # a handler in flight, cancelled by a reset
+            await waiting.send(get("/wait"))
+            garbage = await Client.open(port)  # 400, then lingering until the client closes
+            assert_openai_error(await garbage.request(b"GARBAGE\r\n\r\n"), 400)
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert len(all_tasks()) > baseline
+            await closed.aclose()
+            rst_close(waiting)
+            await garbage.aclose()
+            await idle.expect_eof()
+            assert_openai_error(await silent.response(), 408)
+            await idle.aclose()
+            await silent.aclose()
+            while len(all_tasks()) > baseline:
+                await trio.sleep(0.01)
+            assert len(all_tasks()) == baseline
+
+
+async def test_pipelined_requests_beyond_the_read_limit_are_all_answered_in_order() -> None:
+    """More pipelined bytes than MAX_PIPELINED_BYTES: the reader stops and goes on again."""
+    count = 600
+    pad = "X-Pad: " + "p" * 1000
+    raw = b"".join(get(f"/r{i}", pad) for i in range(count))
+    assert len(raw) > 2 * MAX_PIPELINED_BYTES
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/r0":
+            await trio.sleep(0.1)  # everything else is sent meanwhile
+        return Response.json({"path": request.path})
+
+    with trio.fail_after(10):
+        async with serving(handler) as (_, port):
+            client = await Client.open(port)
+            paths: list[str] = []
+
+            async def read_all() -> None:
+                for _ in range(count):
+                    paths.append((await client.response()).json()["path"])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await client.send(raw)
+            assert paths == [f"/r{i}" for i in range(count)]
+            # The connection still works after all that.
+            assert (await client.request(get("/last"))).json()["path"] == "/last"
+            await client.aclose()
+
+
+async def test_header_limit_above_the_read_limit_does_not_stall() -> None:
+    """h11 needing more data always lets the reader go on, whatever sits in the buffer."""
+    with trio.fail_after(5):
+        async with serving(max_header_bytes=4 * MAX_PIPELINED_BYTES) as (_, port):
+            client = await Client.open(port)
+            raw = get("/big", "X-Pad: " + "a" * (2 * MAX_PIPELINED_BYTES))
+            for start in range(0, len(raw), 50_000):
+                await client.send(raw[start:start + 50_000])
+                await trio.sleep(0.005)
+            reply = await client.response()
+            assert reply.status == 200
+            assert reply.json()["path"] == "/big"
+            await client.aclose()
 
 
 # --- drain ---------------------------------------------------------------------------------

@@ -1,22 +1,29 @@
-"""The h11 HTTP/1.1 server: one task per connection, keep-alive, limits, client-disconnect
-cancellation and graceful drain.
+"""The h11 HTTP/1.1 server: keep-alive, limits, client-disconnect cancellation and graceful
+drain.
 
-Each connection runs a keep-alive loop: wait for a request head (bounded by the keep-alive
-and header timeouts), read the body (bounded by size and by the same timeout between reads),
-then run the handler in a per-request nursery next to a watcher that reads the socket. When
-the watcher sees EOF the client has gone, and the handler's scope is cancelled — this is how a
-disconnect reaches the upstream call, streaming or not.
+Each connection is a nursery of two tasks that lives as long as the connection. The reader
+waits until the socket is readable and feeds what it reads to h11; it stops reading while more
+than MAX_PIPELINED_BYTES sit unparsed, until the other task has consumed them. The other task
+runs the keep-alive loop: it takes h11's events (waiting for the reader when h11 needs data,
+bounded by the keep-alive and header timeouts), reads the body (bounded by size and by the same
+timeout between reads), runs the handler and sends its response. When the reader sees EOF or a
+reset while a request is being handled, the client has gone: it cancels the connection's
+nursery, and with it the handler — this is how a disconnect reaches the upstream call,
+streaming or not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import h11
 import trio
+from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule, wait_task_rescheduled
 
 from lb.http.errors import HTTPError, error_response
 from lb.http.types import Handler, Request, Response
@@ -24,8 +31,8 @@ from lb.http.types import Handler, Request, Response
 log = logging.getLogger("lb.http")
 
 READ_SIZE = 65536
-# How many bytes of a pipelined next request the disconnect watcher may buffer before it stops
-# reading (and with it, stops noticing disconnects) until the current response is done.
+# How many received bytes may wait unparsed in h11 (a pipelined next request, mostly) before
+# the reader stops reading (and with it, stops noticing disconnects) until they are consumed.
 MAX_PIPELINED_BYTES = 256 * 1024
 LINGER_SECS = 1.0
 
@@ -48,28 +55,105 @@ class _Timeout(Exception):
 
 @attrs.define(eq=False)
 class _Connection:
+    """One connection's state, shared by its reader and its keep-alive loop."""
+
     stream: trio.SocketStream
     h11: h11.Connection
     client: str
+    # Set by the keep-alive loop while a handler runs or its response is sent: the reader
+    # cancels the connection if the client goes away then.
+    in_request: bool = False
+    eof: bool = False  # the reader saw EOF or a reset (h11 has been told)
+    linger: bool = False  # an error answer went out: linger before closing
+    idle_scope: trio.CancelScope | None = None  # waiting for a request: drain cancels this
+    _waiter: Task | None = None  # the keep-alive loop, waiting for the reader
+    _paused_reader: Task | None = None  # the reader, waiting for the buffer to drain
+    _unchecked: int = 0  # bytes fed to h11 since its buffer was last measured
 
     async def send(self, *events: Any) -> None:
-        data = b"".join(self.h11.send(event) or b"" for event in events if event is not None)
-        await self.stream.send_all(data)
+        send = self.h11.send
+        data = b"".join([send(event) or b"" for event in events if event is not None])
+        if data:  # the end of a Content-Length body is b"": no need for a trip to the scheduler
+            await self.stream.send_all(data)
+
+    def poll(self) -> Any:
+        """h11's next event, or NEED_DATA; lets a paused reader go on when it may."""
+        event = self.h11.next_event()
+        if self._paused_reader is not None and (
+            event is h11.NEED_DATA or len(self.h11.trailing_data[0]) <= MAX_PIPELINED_BYTES
+        ):
+            task, self._paused_reader = self._paused_reader, None
+            reschedule(task)
+        return event
 
     async def next_event(self, deadline: float) -> Any:
-        """The next h11 event, reading from the socket as needed until `deadline`."""
+        """The next h11 event, waiting for the reader as needed until `deadline`."""
         while True:
-            event = self.h11.next_event()
+            event = self.poll()
             if event is not h11.NEED_DATA:
                 return event
             with trio.move_on_at(deadline):
-                self.h11.receive_data(await self.stream.receive_some(READ_SIZE))
+                await self.wait_data()
                 continue
             raise _Timeout
+
+    async def wait_data(self) -> None:
+        """Wait until the reader has fed h11 more data or EOF (call when h11 needs data)."""
+        self._waiter = current_task()
+        await wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _: RaiseCancelT) -> Abort:
+        self._waiter = None
+        return Abort.SUCCEEDED
+
+    def is_idle(self) -> bool:
+        """Nothing of a next request has arrived (call when h11 needs data)."""
+        return not self.eof and not self.h11.trailing_data[0]
 
     def has_buffered_bytes(self) -> bool:
         data, closed = self.h11.trailing_data
         return bool(data) or closed
+
+    async def read_loop(self, connection_scope: trio.CancelScope) -> None:
+        """Feed h11 until EOF. Waiting for readability first (rather than trying a read that
+        would mostly fail with EAGAIN) costs one epoll registration per arrival and no more."""
+        fd = self.stream.socket.fileno()
+        parser = self.h11
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:  # reset by the client
+                data = b""
+            parser.receive_data(data)
+            if not data:
+                self.eof = True
+                if self.in_request:
+                    connection_scope.cancel()
+                else:
+                    self._wake()
+                return
+            self._wake()
+            # The buffer is measured (a copy) only when it may have outgrown the limit.
+            self._unchecked += len(data)
+            if self._unchecked > MAX_PIPELINED_BYTES:
+                self._unchecked = len(parser.trailing_data[0])
+                if self._unchecked > MAX_PIPELINED_BYTES:
+                    self._paused_reader = current_task()
+                    await wait_task_rescheduled(self._abort_pause)
+                    self._unchecked = MAX_PIPELINED_BYTES  # measure again after the next read
+
+    def _wake(self) -> None:
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            reschedule(task)
+
+    def _abort_pause(self, _: RaiseCancelT) -> Abort:
+        self._paused_reader = None
+        return Abort.SUCCEEDED
 
 
 class HTTPServer:
@@ -81,7 +165,7 @@ class HTTPServer:
         self.draining = False
         self._accept_scope: trio.CancelScope | None = None
         self._connections_scope: trio.CancelScope | None = None
-        self._idle_scopes: set[trio.CancelScope] = set()
+        self._connections: set[_Connection] = set()
         self._listeners: list[trio.SocketListener] = []
 
     async def serve_tcp(
@@ -128,8 +212,9 @@ class HTTPServer:
             self._accept_scope.cancel()
         if self._connections_scope is not None:
             self._connections_scope.deadline = trio.current_time() + timeout
-        for scope in list(self._idle_scopes):
-            scope.cancel()
+        for conn in self._connections:
+            if conn.idle_scope is not None:
+                conn.idle_scope.cancel()
 
     def stop(self) -> None:
         """Cancel everything now."""
@@ -158,13 +243,24 @@ class HTTPServer:
             client = "?"
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         conn = _Connection(stream, parser, client)
+        self._connections.add(conn)
         try:
-            await self._keepalive_loop(conn)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.read_loop, nursery.cancel_scope)
+                # The client going away is routine.
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone
+                ):
+                    await self._keepalive_loop(conn)
+                nursery.cancel_scope.cancel()  # the reader
+            if conn.linger:
+                await _linger(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("connection %s failed", client)
         finally:
+            self._connections.discard(conn)
             await trio.aclose_forcefully(stream)
 
     async def _keepalive_loop(self, conn: _Connection) -> None:
@@ -184,30 +280,30 @@ class HTTPServer:
         limits = self.limits
         head_only = False
         try:
-            # The head must be complete header_timeout after the connection opened (first
-            # request), or after the first byte of a kept-alive request.
-            start = trio.current_time()
-            if not conn.has_buffered_bytes():
-                # Idle: a new connection gets the header timeout, a kept-alive one the
-                # keep-alive timeout; draining cancels the wait.
-                wait = limits.header_timeout if first else limits.keepalive_timeout
-                with trio.move_on_at(start + wait) as idle:
-                    self._idle_scopes.add(idle)
-                    try:
-                        data = await conn.stream.receive_some(READ_SIZE)
-                    finally:
-                        self._idle_scopes.discard(idle)
-                if idle.cancelled_caught:
-                    if first and not self.draining:
-                        await self._send_error(
-                            conn, 408, "Timed out waiting for the request", "request_timeout"
-                        )
-                    return None
-                conn.h11.receive_data(data)
-                if not first:
-                    start = trio.current_time()
-
-            event = await conn.next_event(start + limits.header_timeout)
+            event = conn.poll()
+            if event is h11.NEED_DATA:
+                # The head must be complete header_timeout after the connection opened (first
+                # request), or after the first byte of a kept-alive request.
+                start = trio.current_time()
+                if conn.is_idle():
+                    # Idle: a new connection gets the header timeout, a kept-alive one the
+                    # keep-alive timeout; draining cancels the wait.
+                    wait = limits.header_timeout if first else limits.keepalive_timeout
+                    with trio.move_on_at(start + wait) as idle:
+                        conn.idle_scope = idle
+                        try:
+                            await conn.wait_data()
+                        finally:
+                            conn.idle_scope = None
+                    if idle.cancelled_caught:
+                        if first and not self.draining:
+                            await self._send_error(
+                                conn, 408, "Timed out waiting for the request", "request_timeout"
+                            )
+                        return None
+                    if not first:
+                        start = trio.current_time()
+                event = await conn.next_event(start + limits.header_timeout)
             if isinstance(event, h11.ConnectionClosed):
                 return None
             assert isinstance(event, h11.Request)
@@ -264,42 +360,24 @@ class HTTPServer:
         )
 
     async def _respond(self, conn: _Connection, request: Request) -> bool:
-        """Run the handler and send its response; True if the connection can be reused."""
-        client_gone = False
-        failed = False
+        """Run the handler and send its response; True if the connection can be reused.
 
-        async def watch_disconnect(cancel: trio.CancelScope) -> None:
-            nonlocal client_gone
-            while len(conn.h11.trailing_data[0]) < MAX_PIPELINED_BYTES:
-                try:
-                    data = await conn.stream.receive_some(READ_SIZE)
-                except trio.BrokenResourceError:  # reset by the client
-                    data = b""
-                conn.h11.receive_data(data)
-                if not data:
-                    client_gone = True
-                    cancel.cancel()
-                    return
-            await trio.sleep_forever()
-
-        async with trio.open_nursery() as nursery:
-            if not conn.h11.trailing_data[1]:
-                nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-            try:
-                await self._run_handler(conn, request)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                client_gone = True
-            except Exception:
-                # The handler's own errors became responses: this is a stream writer failing
-                # after the head went out (or a response h11 refused). Closing the connection
-                # without the last chunk tells the client the body is incomplete.
-                log.exception("response to %s %s failed", request.method, request.path)
-                failed = True
-            nursery.cancel_scope.cancel()
-        if client_gone:
-            raise _ClientGone
-        if failed:
+        While this runs, the reader cancels the connection if the client goes away."""
+        if conn.eof:
+            raise _ClientGone  # it left (or half-closed) before its request was handled
+        conn.in_request = True
+        try:
+            await self._run_handler(conn, request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _ClientGone from None
+        except Exception:
+            # The handler's own errors became responses: this is a stream writer failing
+            # after the head went out (or a response h11 refused). Closing the connection
+            # without the last chunk tells the client the body is incomplete.
+            log.exception("response to %s %s failed", request.method, request.path)
             return False
+        finally:
+            conn.in_request = False
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
     async def _run_handler(self, conn: _Connection, request: Request) -> None:
@@ -313,13 +391,14 @@ class HTTPServer:
         await self._send_response(conn, request, response)
 
     async def _send_response(self, conn: _Connection, request: Request, response: Response) -> None:
-        headers = response.headers
-        if self.draining:
-            headers = [*headers, (b"connection", b"close")]
         head_only = request.method == "HEAD"
         if response.stream is None:
             # HEAD gets the length a GET would have (h11 sends no body for HEAD).
-            headers = [*headers, (b"content-length", str(len(response.body)).encode())]
+            length = (b"content-length", str(len(response.body)).encode())
+            if self.draining:
+                headers = [*response.headers, length, (b"connection", b"close")]
+            else:
+                headers = [*response.headers, length]
             await conn.send(
                 h11.Response(status_code=response.status, headers=headers),
                 h11.Data(data=response.body) if response.body and not head_only else None,
@@ -327,8 +406,12 @@ class HTTPServer:
             )
             return
         if head_only:
-            await conn.send(h11.Response(status_code=response.status, headers=headers))
-            await conn.send(h11.EndOfMessage())
+            headers = response.headers
+            if self.draining:
+                headers = [*headers, (b"connection", b"close")]
+            await conn.send(
+                h11.Response(status_code=response.status, headers=headers), h11.EndOfMessage()
+            )
             return
         # The head goes out with the first body bytes, so until then the writer may still set
         # the status and headers, or raise HTTPError for an ordinary error response.
@@ -373,7 +456,8 @@ class HTTPServer:
         self, conn: _Connection, status: int, message: str, code: str | None = None,
         head_only: bool = False,
     ) -> None:
-        """Answer an error on a connection that is about to close, if h11 still allows it."""
+        """Answer an error on a connection that is about to close, if h11 still allows it; the
+        connection then lingers before it closes."""
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         response = error_response(status, message, code=code)
@@ -388,7 +472,7 @@ class HTTPServer:
                 None if head_only else h11.Data(data=response.body),
                 h11.EndOfMessage(),
             )
-            await _linger(conn.stream)
+            conn.linger = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass
 

@@ -1,0 +1,219 @@
+"""lb's CPU per request, A/B: two (or more) source trees of lb side by side, in front of one mock.
+
+Each tree runs as its own `lb serve` (with PYTHONPATH pointing at the tree), all in front of the
+same `lb mock`. The hey runs alternate between the trees (and the order flips every
+repetition), so the noise of a shared machine falls on both alike. For each run, lb's CPU time
+(utime+stime from /proc) is divided by the requests served, as in proxy_bench.py.
+
+    git worktree add --detach /tmp/lb-before HEAD
+    python bench/ab_cpu.py --tree before=/tmp/lb-before --tree after=. --reps 7
+    python bench/ab_cpu.py --tree before=/tmp/lb-before --tree after=. --reps 0 \\
+        --profile 15 --strace 2000          # py-spy and strace -c only
+    python bench/ab_cpu.py --tree before=/tmp/lb-before --tree after=. --reps 5 \\
+        --requests 0 --paired 2000          # c=1 added latency only (as in proxy_bench.py)
+
+The mock runs from the first tree. Figures go to stdout; --json FILE keeps everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import proxy_bench as pb
+
+
+def resolve(tree: Path) -> str:
+    """Where `import lb` goes with PYTHONPATH=tree (to be sure each lb runs its own tree)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import lb; print(lb.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, check=True,
+        cwd="/",  # as for the lb script: the current directory is not on its path
+    )
+    return done.stdout.strip()
+
+
+def start_lb(cluster: pb.Cluster, mock: pb.Proc, tree: Path) -> pb.Proc:
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        return cluster.lb(mock)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
+                        help="an lb source tree to measure (repeat)")
+    parser.add_argument("--reps", type=int, default=5, help="hey runs per tree and mode")
+    parser.add_argument("--requests", type=int, default=20_000, help="requests per hey run")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=list(pb.MODES), choices=pb.MODES)
+    parser.add_argument("--profile", type=int, default=0, metavar="SECS",
+                        help="then py-spy each lb for SECS under non-stream load")
+    parser.add_argument("--strace", type=int, default=0, metavar="N",
+                        help="then count each lb's syscalls over N non-stream requests")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="then, --reps times per mode, time N request pairs at c=1: each "
+                             "tree against the mock, and the first two trees head to head")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    args = parser.parse_args(argv)
+
+    trees: dict[str, Path] = {}
+    for spec in args.tree:
+        name, _, path = spec.partition("=")
+        trees[name] = Path(path).resolve()
+        pb.log(f"{name}: lb from {resolve(trees[name])}")
+    pb.raise_fd_limit()
+    logdir = Path(tempfile.mkdtemp(prefix="lb-ab-"))
+    cluster = pb.Cluster(logdir)
+    runs: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {"profile": {}, "syscalls": {}, "paired": []}
+    meta = {"load_before": pb.loadavg(), "machine": pb.machine(), "trees": {
+        name: str(path) for name, path in trees.items()}, "argv": sys.argv[1:]}
+    try:
+        first = next(iter(trees.values()))
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(first)
+        try:
+            mock = cluster.mock(8, 0, 0)
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+        lbs = {name: start_lb(cluster, mock, path) for name, path in trees.items()}
+        pb.log(f"mock :{mock.port}; " + ", ".join(
+            f"{name} :{lb.port} pid {lb.pid}" for name, lb in lbs.items()))
+        for lb in lbs.values():
+            for mode in args.modes:
+                pb.run_hey(lb.port, mode, args.concurrency, 2000)  # warm-up
+        names = list(lbs)
+        for rep in range(args.reps if args.requests else 0):
+            order = names if rep % 2 == 0 else names[::-1]
+            for mode in args.modes:
+                for name in order:
+                    lb = lbs[name]
+                    run = pb.run_hey(
+                        lb.port, mode, args.concurrency, args.requests, cpu_pid=lb.pid
+                    )
+                    run.update(tree=name, rep=rep)
+                    runs.append(run)
+                    pb.log(f"rep {rep} {mode} {name}: {run['cpu_ms_per_request']:.3f} ms/req, "
+                           f"{run['rps']:.0f} req/s, errors {run['errors']}")
+        extra["paired"] = paired = []
+        for rep in range(args.reps if args.paired else 0):
+            for mode in args.modes:
+                pairs = [(name, mock.port, lb.port) for name, lb in lbs.items()]
+                if len(names) >= 2:
+                    pairs.append((f"{names[1]}-{names[0]}", lbs[names[0]].port,
+                                  lbs[names[1]].port))
+                for label, base, port in pairs:
+                    run = pb.run_paired(base, port, mode, args.paired, 100)
+                    run.update(label=label, rep=rep)
+                    paired.append(run)
+                    pb.log(f"rep {rep} paired {mode} {label}: added p50 "
+                           f"{run['added_p50_ms']:.3f} ms, p90 {run['added_p90_ms']:.3f} ms")
+        for name, lb in lbs.items():
+            if args.profile:
+                pb.log(f"py-spy on {name} for {args.profile}s")
+                extra["profile"][name] = profile(lb, name, args.profile, logdir)
+            if args.strace:
+                pb.log(f"strace on {name} over {args.strace} requests")
+
+                def load(lb: pb.Proc = lb) -> tuple[int, int]:
+                    run = pb.run_hey(lb.port, "non-stream", args.concurrency, args.strace)
+                    return run["ok"], run["errors"]
+
+                extra["syscalls"][name] = pb.strace_counts(lb, name, load, logdir)
+        for name, lb in lbs.items():
+            problems = lb.problems()
+            if problems:
+                pb.log(f"{name} logged problems: {problems[:5]}")
+    finally:
+        cluster.close()
+    meta["load_after"] = pb.loadavg()
+
+    summary = []
+    for mode in args.modes:
+        for name in trees:
+            values = [r["cpu_ms_per_request"] for r in runs if r["tree"] == name
+                      and r["mode"] == mode]
+            rps = [r["rps"] for r in runs if r["tree"] == name and r["mode"] == mode]
+            errors = sum(r["errors"] for r in runs if r["tree"] == name and r["mode"] == mode)
+            if not values:
+                continue
+            row = {"mode": mode, "tree": name, "runs": len(values),
+                   "cpu_ms": pb.spread(values), "rps": pb.spread(rps), "errors": errors,
+                   "all_cpu_ms": values}
+            summary.append(row)
+            print(f"{mode:10} {name:8} CPU ms/req median {statistics.median(values):.3f} "
+                  f"[{min(values):.3f}, {max(values):.3f}]  req/s {pb.spread(rps)['median']:.0f}"
+                  f"  errors {errors}  all: {' '.join(f'{v:.3f}' for v in values)}")
+    labels = sorted({r["label"] for r in extra["paired"]}, key=str)
+    for mode in args.modes:
+        for label in labels:
+            rows = [r for r in extra["paired"] if r["label"] == label and r["mode"] == mode]
+            p50 = [r["added_p50_ms"] for r in rows]
+            p90 = [r["added_p90_ms"] for r in rows]
+            print(f"{mode:10} paired {label:14} added p50 median {statistics.median(p50):.3f} "
+                  f"[{min(p50):.3f}, {max(p50):.3f}]  p90 median {statistics.median(p90):.3f}"
+                  f"  errors {sum(r['errors'] for r in rows)}")
+    for name, prof in extra["profile"].items():
+        print(f"\n{name}: py-spy, {prof.get('samples')} samples")
+        for row in prof.get("by_lb_caller", [])[:12]:
+            print(f"  {row['percent']:5.1f}  {row['function']}")
+        for row in prof.get("lb_inclusive", [])[:8]:
+            print(f"  incl {row['percent']:5.1f}  {row['function']}")
+    for name, sc in extra["syscalls"].items():
+        per = sc.get("per_unit", {})
+        failed = sc.get("failed_per_unit", {})
+        print(f"\n{name}: syscalls per request, total {sc.get('total_per_unit', 0):.2f}")
+        for call, n in per.items():
+            if n >= 0.005:
+                note = f" ({failed[call]:.2f} failed)" if call in failed else ""
+                print(f"  {call:12} {n:.2f}{note}")
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"meta": meta, "summary": summary, "runs": runs, **extra}, indent=2) + "\n")
+    return 0
+
+
+def profile(lb: pb.Proc, name: str, seconds: int, logdir: Path) -> dict[str, Any]:
+    """`py-spy record --format raw` on lb under hey -c 16 non-stream load; the raw stacks are
+    kept in logdir, the summary (as in proxy_bench.py) is returned."""
+    raw = logdir / f"{name}-nonstream.raw"
+    argv = ["py-spy", "record", "--pid", str(lb.pid), "--duration", str(seconds),
+            "--rate", "200", "--nolineno", "--format", "raw", "-o", str(raw)]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # attach
+        subprocess.run(
+            ["hey", "-z", f"{seconds + 1}s", "-c", "16", "-m", "POST", "-T", "application/json",
+             "-d", pb.BODIES["non-stream"], f"http://{pb.HOST}:{lb.port}{pb.CHAT}"],
+            capture_output=True, text=True, timeout=seconds + 60, check=False,
+        )
+        spy.communicate(timeout=seconds + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if not raw.exists():
+        return {"error": "py-spy wrote nothing"}
+    return {"raw": str(raw), "command": " ".join(argv), **pb.summarise_stacks(raw.read_text())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
