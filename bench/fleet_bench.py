@@ -8,7 +8,9 @@ no persistence) started for it and stopped at the end:
 1. lb's CPU per request (utime+stime from /proc/PID/stat around a `hey -c 16` run, as in
    proxy_bench.py), non-stream and 9-event streams, for `lb serve` without Redis and with
    REDIS_URL set; the two configurations alternate within each repetition (A B, A B, ...) so
-   that the machine's noise hits both; medians, and the ratio Redis / none;
+   that the machine's noise hits both; medians, and the ratio Redis / none; the CPU of lb's
+   worker threads (where its Redis calls run); and three controls of the method (two identical
+   lbs, the order reversed, 10x the syncs);
 2. node death: one mock node is SIGKILLed under 3 lb instances sharing Redis (plus one lb
    without Redis, watching the same node); every instance's `GET /v1/nodes` is polled every
    20 ms until each shows the node `healthy: false`; SCAN_INTERVAL=1 and HEALTH_FAIL_THRESHOLD=2,
@@ -17,7 +19,7 @@ no persistence) started for it and stopped at the end:
    many_mocks.py) over 60 s without traffic, without Redis and with Redis (leader and follower),
    and its RSS.
 
-    python bench/fleet_bench.py            # the full run (about 15 minutes on 2 cores)
+    python bench/fleet_bench.py            # the full run (about 17 minutes on 2 cores)
     python bench/fleet_bench.py --quick    # a smoke run (about 2 minutes)
 
 Results go to bench/results/fleet-YYYY-MM-DD.{md,json} (--out DIR to change). See
@@ -92,16 +94,28 @@ class Plan:
     idle_secs: float  # length of one idle window
     idle_settle_secs: float  # wait after start before an idle window
     idle_reps: int
+    control_reps: int  # A B pairs of each control of section 1 (0: skipped)
 
 
 FULL = Plan(
     cpu_reps=10, requests=10_000, warmup=2000, death_reps=10, death_default_reps=3,
-    idle_nodes=100, idle_secs=60, idle_settle_secs=5, idle_reps=2,
+    idle_nodes=100, idle_secs=60, idle_settle_secs=5, idle_reps=2, control_reps=10,
 )
 QUICK = Plan(
     cpu_reps=2, requests=2000, warmup=500, death_reps=2, death_default_reps=0,
-    idle_nodes=100, idle_secs=10, idle_settle_secs=2, idle_reps=1,
+    idle_nodes=100, idle_secs=10, idle_settle_secs=2, idle_reps=1, control_reps=1,
 )
+
+# Controls of the Redis-vs-none comparison (stream requests, the noisier mode): what the A B
+# method reports when nothing differs, when the order is reversed, and with 10x the syncs.
+# name: (what it checks, first lb's config, second lb's config); a config is extra env, with
+# "REDIS" standing for the fleet's REDIS_URL and a fresh REDIS_PREFIX.
+CONTROLS = {
+    "identical": ("two identical lbs without Redis (second / first)", {}, {}),
+    "redis-first": ("Redis first, then none (Redis / none)", {"REDIS": "1"}, {}),
+    "fast-sync": ("none, then Redis with REDIS_SYNC_SECS=0.05, 10x the syncs (Redis / none)",
+                  {}, {"REDIS": "1", "REDIS_SYNC_SECS": "0.05"}),
+}
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -335,15 +349,8 @@ def run_cpu(plan: Plan, cluster: Cluster, redis: Proc) -> dict[str, Any]:
             for mode in MODES:
                 for name in ("none", "redis"):  # A B, every repetition
                     note_foreign("1. CPU per request")
-                    main_before = main_thread_cpu(lbs[name].pid)
-                    run = run_hey(lbs[name].port, mode, 16, plan.requests, cpu_pid=lbs[name].pid)
-                    main_s = main_thread_cpu(lbs[name].pid) - main_before
-                    threads_s = max(0.0, run["cpu_s"] - main_s)
-                    run.update(
-                        rep=rep, config=name, main_thread_cpu_s=main_s, threads_cpu_s=threads_s,
-                        threads_cpu_ms_per_request=threads_s * 1000 / run["ok"]
-                        if run["ok"] else math.nan,
-                    )
+                    run = cpu_run(lbs[name], mode, plan.requests)
+                    run.update(rep=rep, config=name)
                     out["runs"].append(run)
                     log(
                         f"cpu rep {rep} {mode} {name}: {run['cpu_ms_per_request']:.3f} ms/req, "
@@ -354,6 +361,57 @@ def run_cpu(plan: Plan, cluster: Cluster, redis: Proc) -> dict[str, Any]:
         out["log_problems"] = problems(list(lbs.values()))[:20]
     finally:
         stop(cluster, *lbs.values(), mock)
+    return out
+
+
+def cpu_run(lb: Proc, mode: str, requests: int) -> dict[str, Any]:
+    """One `hey -c 16` run with lb's CPU per request, split into its main thread and the rest
+    (worker threads)."""
+    main_before = main_thread_cpu(lb.pid)
+    run = run_hey(lb.port, mode, 16, requests, cpu_pid=lb.pid)
+    main_s = main_thread_cpu(lb.pid) - main_before
+    threads_s = max(0.0, run["cpu_s"] - main_s)
+    run.update(
+        main_thread_cpu_s=main_s, threads_cpu_s=threads_s,
+        threads_cpu_ms_per_request=threads_s * 1000 / run["ok"] if run["ok"] else math.nan,
+    )
+    return run
+
+
+def run_controls(plan: Plan, cluster: Cluster, redis: Proc) -> dict[str, Any]:
+    """Each control: a fresh mock and two fresh lbs, `plan.control_reps` A B pairs of stream
+    runs; the paired ratio second / first (or Redis / none)."""
+    out: dict[str, Any] = {}
+    for key, (what, first_env, second_env) in CONTROLS.items():
+        mock = start_mock(cluster, "mock")
+        lbs = []
+        for i, extra in enumerate((first_env, second_env)):
+            env = {k: v for k, v in extra.items() if k != "REDIS"}
+            if "REDIS" in extra:
+                env = {**redis_env(redis, new_prefix()), **env}
+            lbs.append(start_lb(cluster, f"{key}-{i}", env, [mock.port]))
+        try:
+            for proc in lbs:
+                run_hey(proc.port, "stream", 16, plan.warmup)
+            pairs = []
+            for _ in range(plan.control_reps):
+                note_foreign("1b. controls")
+                a, b = (cpu_run(proc, "stream", plan.requests)["cpu_ms_per_request"]
+                        for proc in lbs)
+                pairs.append((a, b))
+            invert = key == "redis-first"  # report Redis / none
+            ratios = [(a / b if invert else b / a) for a, b in pairs if a > 0 and b > 0]
+            out[key] = {
+                "what": what,
+                "commands": [_cmdline(p) for p in lbs],
+                "pairs_cpu_ms": pairs,
+                "ratio": spread(ratios),
+                "above_1": sum(1 for r in ratios if r > 1),
+                "log_problems": problems(lbs)[:10],
+            }
+            log(f"control {key}: paired ratio {out[key]['ratio']['median']:.3f}")
+        finally:
+            stop(cluster, *lbs, mock)
     return out
 
 
@@ -700,6 +758,9 @@ def measure(plan: Plan, logdir: Path) -> dict[str, Any]:
         log(f"redis-server on :{redis.port}; logs in {logdir}")
         log("1. CPU per request, with and without Redis")
         results["cpu"] = run_cpu(plan, cluster, redis)
+        if plan.control_reps:
+            log("1b. controls of the CPU comparison")
+            results["controls"] = run_controls(plan, cluster, redis)
         log("2. node death, SCAN_INTERVAL=1")
         results["death"] = [run_death(plan, cluster, redis, 1.0, plan.death_reps)]
         if plan.death_default_reps:
@@ -851,6 +912,23 @@ def report(meta: dict[str, Any], plan: Plan, results: dict[str, Any],
             + ". That was another run at another time; the ratio above compares runs of the same "
             "minute and is the figure to judge by.",
         ]
+    controls = results.get("controls") or {}
+    if controls:
+        lines += [
+            "",
+            f"### 1b. Controls ({plan.control_reps} A B pairs of {plan.requests:,}-request "
+            "stream runs each, fresh lbs)",
+            "",
+            "What the same A B method gives when nothing differs, with the order reversed, and "
+            "with ten times the Redis syncs; the spread here is the resolution of the ratio "
+            "above.",
+            "",
+            "| control | paired ratio | pairs above 1 |",
+            "| --- | --- | --- |",
+        ]
+        for c in controls.values():
+            lines.append(f"| {c['what']} | {_f(c['ratio'], 3)} | {c['above_1']} of "
+                         f"{len(c['pairs_cpu_ms'])} |")
     lines += [
         "",
         f"## 2. Node death → gone from every instance ({FLEET_SIZE} lbs on Redis + 1 without)",
@@ -934,6 +1012,7 @@ def report(meta: dict[str, Any], plan: Plan, results: dict[str, Any],
         )
     all_problems = (
         results["cpu"].get("log_problems", [])
+        + [p for c in (results.get("controls") or {}).values() for p in c["log_problems"]]
         + [p for d in results["death"] for p in d.get("log_problems", [])]
         + results["idle"].get("log_problems", [])
     )
