@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -81,6 +81,15 @@ async def fleet_lb(
     return await start_lb(nursery, nodes, **settings)
 
 
+async def fleet_pair(
+    nursery: trio.Nursery, nodes: Sequence[Running], server: RedisServer, **options: Any
+) -> tuple[Running, Running]:
+    """Two lb instances in front of the same nodes, sharing one fleet (a fresh key prefix)."""
+    key = prefix()
+    first = await fleet_lb(nursery, list(nodes), server, key, **options)
+    return first, await fleet_lb(nursery, list(nodes), server, key, **options)
+
+
 async def get(lb: Running, path: str, **kwargs: Any) -> Any:
     async with httpx.AsyncClient() as client:
         return (await client.get(f"{lb.url}{path}", **kwargs)).json()
@@ -104,9 +113,7 @@ async def test_two_instances_share_nodes_and_one_leader_probes(
     with trio.fail_after(20):
         a = await start_mock(nursery, models=(MODEL,))
         b = await start_mock(nursery, models=(MODEL,))
-        key = prefix()
-        lb1 = await fleet_lb(nursery, [a, b], redis_server, key)
-        lb2 = await fleet_lb(nursery, [a, b], redis_server, key)
+        lb1, lb2 = await fleet_pair(nursery, [a, b], redis_server)
         assert await healthy_nodes(lb1) == await healthy_nodes(lb2) == {a.key, b.key}
         while sorted(await leaders(lb1, lb2)) != [False, True]:
             await trio.sleep(SYNC)
@@ -125,9 +132,7 @@ async def test_a_dead_node_leaves_every_instance(
     with trio.fail_after(20):
         a = await start_mock(nursery, models=(MODEL,))
         b = await start_mock(nursery, models=(MODEL,))
-        key = prefix()
-        lb1 = await fleet_lb(nursery, [a, b], redis_server, key)
-        lb2 = await fleet_lb(nursery, [a, b], redis_server, key)
+        lb1, lb2 = await fleet_pair(nursery, [a, b], redis_server)
         a.stop()
         # Both lose it; the follower from the leader's table (within a few intervals).
         with trio.fail_after(3 * SCAN + 10 * SYNC + 1):
@@ -148,9 +153,7 @@ async def test_leader_killed_another_takes_over(
     with trio.fail_after(20):
         a = await start_mock(nursery, models=(MODEL,))
         b = await start_mock(nursery, models=(MODEL,))
-        key = prefix()
-        lb1 = await fleet_lb(nursery, [a, b], redis_server, key)
-        lb2 = await fleet_lb(nursery, [a, b], redis_server, key)
+        lb1, lb2 = await fleet_pair(nursery, [a, b], redis_server)
         while sorted(await leaders(lb1, lb2)) != [False, True]:
             await trio.sleep(SYNC)
         leader, follower = (lb1, lb2) if (await leaders(lb1))[0] else (lb2, lb1)
@@ -170,9 +173,7 @@ async def test_admin_change_reaches_every_instance(
 ) -> None:
     with trio.fail_after(20):
         a = await start_mock(nursery, models=("qwen3-8b", "gemma3-270m"))
-        key = prefix()
-        lb1 = await fleet_lb(nursery, [a], redis_server, key, admin_key="s3cret")
-        lb2 = await fleet_lb(nursery, [a], redis_server, key, admin_key="s3cret")
+        lb1, lb2 = await fleet_pair(nursery, [a], redis_server, admin_key="s3cret")
         auth = {"authorization": "Bearer s3cret"}
         async with httpx.AsyncClient() as client:
             changed = await client.post(
@@ -199,9 +200,7 @@ async def test_same_session_same_node_through_either_instance(
 ) -> None:
     with trio.fail_after(20):
         mocks = [await start_mock(nursery, models=(MODEL,)) for _ in range(3)]
-        key = prefix()
-        lb1 = await fleet_lb(nursery, mocks, redis_server, key)
-        lb2 = await fleet_lb(nursery, mocks, redis_server, key)
+        lb1, lb2 = await fleet_pair(nursery, mocks, redis_server)
         async with httpx.AsyncClient() as client:
             for session in ("s1", "s2", "s3", "s4", "s5"):
                 routed = set()
@@ -219,11 +218,9 @@ async def test_maxconn_holds_across_the_fleet(
 ) -> None:
     with trio.fail_after(30):
         slow = await start_mock(nursery, models=(MODEL,), ttft_ms=150)
-        key = prefix()
         # Scanned at start only: the mock counts probes as concurrent requests too.
         options = {"default_maxconn": 4, "queue_timeout": 20, "scan_interval": 3600}
-        lb1 = await fleet_lb(nursery, [slow], redis_server, key, **options)
-        lb2 = await fleet_lb(nursery, [slow], redis_server, key, **options)
+        lb1, lb2 = await fleet_pair(nursery, [slow], redis_server, **options)
         failures: list[int] = []
 
         async def client(lb: Running) -> None:
@@ -251,10 +248,8 @@ async def test_breaker_opening_is_shared(
 ) -> None:
     with trio.fail_after(20):
         a = await start_mock(nursery, models=(MODEL,))
-        key = prefix()
         options = {"breaker_threshold": 2, "breaker_ttl": 30, "max_retries": 0}
-        lb1 = await fleet_lb(nursery, [a], redis_server, key, **options)
-        lb2 = await fleet_lb(nursery, [a], redis_server, key, **options)
+        lb1, lb2 = await fleet_pair(nursery, [a], redis_server, **options)
         async with httpx.AsyncClient() as client:
             for _ in range(2):
                 await client.post(
@@ -275,9 +270,7 @@ async def test_redis_outage_loses_no_request_and_resyncs(
     with trio.fail_after(40):
         a = await start_mock(nursery, models=(MODEL,))
         b = await start_mock(nursery, models=(MODEL,))
-        key = prefix()
-        lb1 = await fleet_lb(nursery, [a, b], redis_server, key, admin_key="k")
-        lb2 = await fleet_lb(nursery, [a, b], redis_server, key, admin_key="k")
+        lb1, lb2 = await fleet_pair(nursery, [a, b], redis_server, admin_key="k")
         failures: list[str] = []
         done = 0
         stop = trio.Event()
@@ -335,9 +328,9 @@ def test_redis_keys_expire_with_their_owner(redis_server: RedisServer) -> None:
                 await client.post(f"{lb.url}/v1/admin/prefs",
                                   headers={"authorization": "Bearer k"},
                                   json={"preferred_models": ["x"]})
-            client_ = redis.Redis.from_url(redis_server.url)
+            client_ = redis.Redis.from_url(redis_server.url, decode_responses=True)
             assert client_.keys("lbttl:*")
-            ttls = {k.decode(): client_.pttl(k) for k in client_.keys("lbttl:*")}
+            ttls = {k: client_.pttl(k) for k in client_.keys("lbttl:*")}
             assert all(ttl > 0 for ttl in ttls.values()), ttls  # every key has a TTL
             nursery.cancel_scope.cancel()
 
