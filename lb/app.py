@@ -38,6 +38,9 @@ def server_limits(settings: Settings) -> ServerLimits:
         max_header_bytes=settings.max_header_bytes,
         max_body_bytes=settings.max_body_bytes,
         header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        send_timeout=settings.send_timeout,
+        max_connections=settings.max_connections,
         keepalive_timeout=settings.keepalive_timeout,
     )
 

@@ -272,6 +272,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body_bytes", "LB_MAX_BODY_BYTES", _int(1), "Largest request body (413 above)"),
     Setting("max_header_bytes", "LB_MAX_HEADER_BYTES", _int(1024), "Largest header block (431)"),
     Setting("header_timeout", "LB_HEADER_TIMEOUT_SECS", _seconds, "Time to send a request (408)"),
+    Setting("body_timeout", "LB_BODY_TIMEOUT_SECS", _seconds,
+            "Total time to send a request body (408)"),
+    Setting("send_timeout", "LB_SEND_TIMEOUT_SECS", _seconds,
+            "Longest a client may leave a response write blocked"),
+    Setting("max_connections", "LB_MAX_CONNECTIONS", _int(0),
+            "Client connections served at once (0 = from the file descriptor limit)"),
     Setting("keepalive_timeout", "LB_KEEPALIVE_SECS", _seconds, "Idle keep-alive connection life"),
     Setting("drain_timeout", "LB_DRAIN_SECS", _seconds, "Grace for requests in flight on SIGTERM"),
     Setting("routing_strategy", "ROUTING_STRATEGY",
@@ -325,6 +331,9 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_connections: int = 0
     keepalive_timeout: float = 30.0
     drain_timeout: float = 30.0
     routing_strategy: str = "LEAST_LOADED"

@@ -42,6 +42,9 @@ class ServerLimits:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 16 * 1024 * 1024
     header_timeout: float = 10.0
+    body_timeout: float = 60.0  # the whole body, however it is dripped
+    send_timeout: float = 60.0  # one blocked write to the client
+    max_connections: int = 0  # client connections at once; 0: from RLIMIT_NOFILE
     keepalive_timeout: float = 30.0
 
 
