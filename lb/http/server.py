@@ -9,7 +9,10 @@ bounded by the keep-alive and header timeouts), reads the body (bounded by size 
 timeout between reads), runs the handler and sends its response. When the reader sees EOF or a
 reset while a request is being handled, the client has gone: it cancels the connection's
 nursery, and with it the handler — this is how a disconnect reaches the upstream call,
-streaming or not.
+streaming or not. A paused reader still notices: on Linux it waits on a private epoll that
+reports only a hang-up (EPOLLRDHUP, EPOLLHUP, EPOLLERR) of the socket, created when it pauses
+and closed when it goes on; elsewhere a disconnect is seen once the pipelined bytes have been
+consumed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +36,7 @@ log = logging.getLogger("lb.http")
 
 READ_SIZE = 65536
 # How many received bytes may wait unparsed in h11 (a pipelined next request, mostly) before
-# the reader stops reading (and with it, stops noticing disconnects) until they are consumed.
+# the reader stops reading until they are consumed (watching only for a hang-up meanwhile).
 MAX_PIPELINED_BYTES = 256 * 1024
 LINGER_SECS = 1.0
 
@@ -70,7 +74,9 @@ class _Connection:
     linger: bool = False  # an error answer went out: linger before closing
     idle_scope: trio.CancelScope | None = None  # waiting for a request: drain cancels this
     _waiter: Task | None = None  # the keep-alive loop, waiting for the reader
-    _paused_reader: Task | None = None  # the reader, waiting for the buffer to drain
+    # The reader, waiting for the buffer to drain: parked (a Task), or watching for a hang-up
+    # in a cancel scope that poll() cancels to let it go on.
+    _paused: Task | trio.CancelScope | None = None
     _unchecked: int = 0  # bytes fed to h11 since its buffer was last measured
 
     async def send(self, *events: Any) -> None:
@@ -82,11 +88,14 @@ class _Connection:
     def poll(self) -> Any:
         """h11's next event, or NEED_DATA; lets a paused reader go on when it may."""
         event = self.h11.next_event()
-        if self._paused_reader is not None and (
+        if self._paused is not None and (
             event is h11.NEED_DATA or len(self.h11.trailing_data[0]) <= MAX_PIPELINED_BYTES
         ):
-            task, self._paused_reader = self._paused_reader, None
-            reschedule(task)
+            paused, self._paused = self._paused, None
+            if isinstance(paused, trio.CancelScope):
+                paused.cancel()
+            else:
+                reschedule(paused)
         return event
 
     async def next_event(self, deadline: float) -> Any:
@@ -144,9 +153,35 @@ class _Connection:
             if self._unchecked > MAX_PIPELINED_BYTES:
                 self._unchecked = len(parser.trailing_data[0])
                 if self._unchecked > MAX_PIPELINED_BYTES:
-                    self._paused_reader = current_task()
-                    await wait_task_rescheduled(self._abort_pause)
+                    if not await self._pause(fd):
+                        connection_scope.cancel()  # the client left during a request
+                        return
                     self._unchecked = MAX_PIPELINED_BYTES  # measure again after the next read
+
+    async def _pause(self, fd: int) -> bool:
+        """Stop reading until the keep-alive loop has consumed the buffer; False if the client
+        hung up meanwhile during a request (the caller cancels the connection).
+
+        Where epoll exists the reader watches a private one for a hang-up of the socket while
+        it waits. A hang-up outside a request marks the client gone (its next request is not
+        handled), and the reader then waits as before, to read what is left and the EOF."""
+        watch = _hangup_watch(fd)
+        if watch is not None:
+            with watch, trio.CancelScope() as resume:
+                self._paused = resume
+                while True:
+                    await trio.lowlevel.wait_readable(watch.fileno())
+                    if watch.poll(0):
+                        break
+            if self._paused is not resume:
+                return True  # poll() let it go on (perhaps as the hang-up came)
+            self._paused = None
+            self.eof = True
+            if self.in_request:
+                return False
+        self._paused = current_task()
+        await wait_task_rescheduled(self._abort_pause)
+        return True
 
     def _wake(self) -> None:
         task = self._waiter
@@ -155,8 +190,25 @@ class _Connection:
             reschedule(task)
 
     def _abort_pause(self, _: RaiseCancelT) -> Abort:
-        self._paused_reader = None
+        self._paused = None
         return Abort.SUCCEEDED
+
+
+def _hangup_watch(fd: int) -> select.epoll | None:
+    """A new epoll reporting only a hang-up of `fd` (the peer's FIN, a hang-up, an error such
+    as a reset; not data), or None where there is none to be had."""
+    if not hasattr(select, "epoll"):
+        return None
+    try:
+        watch = select.epoll()
+    except OSError:  # out of file descriptors: pause without watching
+        return None
+    try:
+        watch.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+    except OSError:
+        watch.close()
+        return None
+    return watch
 
 
 class HTTPServer:
