@@ -1,5 +1,5 @@
 """lb.http.server's own limits over real sockets on 127.0.0.1: a client that leaves while
-pipelined bytes wait unread.
+pipelined bytes wait unread, and the total body deadline.
 
 The raw client and helpers are those of test_http_server.py.
 """
@@ -16,6 +16,7 @@ import trio.testing
 from test_http_server import (
     Client,
     assert_no_exceptions,
+    assert_openai_error,
     assert_serving,
     echo,
     get,
@@ -134,3 +135,69 @@ async def test_paused_reader_goes_on_and_leaves_no_descriptor_open(
             await client.aclose()
             await until_closed(server)
             assert open_fds() == before
+
+
+# --- the body deadline -----------------------------------------------------------------------
+
+
+async def test_body_dripped_past_body_timeout_gets_408(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One byte every 9 s never trips the 10 s wait between reads, but the whole body must
+    arrive within body_timeout (60 s) of the head: then 408 and the connection closes."""
+    called = False
+
+    async def handler(request: Request) -> Response:
+        nonlocal called
+        if request.path != "/alive":
+            called = True
+        return await echo(request)
+
+    with trio.fail_after(1000):
+        async with serving(handler, header_timeout=10, body_timeout=60) as (_, port):
+            client = await Client.open(port)
+            await client.send(b"POST /drip HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            start = trio.current_time()
+            dripped = 0
+
+            async def drip() -> None:
+                nonlocal dripped
+                for _ in range(100):
+                    await trio.sleep(9)
+                    try:
+                        await client.send(b"a")
+                    except trio.BrokenResourceError:
+                        return
+                    dripped += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drip)
+                reply = await client.response(b"POST")
+                elapsed = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+            error = assert_openai_error(reply, 408)
+            assert error["code"] == "request_timeout"
+            assert "60 seconds" in error["message"]
+            assert reply.header(b"connection") == b"close"
+            assert 60 <= elapsed < 63  # virtual seconds: at the body deadline, not a read's
+            assert dripped == 6
+            await client.expect_eof()
+            await client.aclose()
+            assert not called
+            await assert_serving(port)
+    assert_no_exceptions(caplog)
+
+
+async def test_body_within_body_timeout_is_served(autojump_clock: trio.testing.MockClock) -> None:
+    """A body that keeps arriving and ends before the deadline is served normally."""
+    with trio.fail_after(1000):
+        async with serving(header_timeout=10, body_timeout=60) as (_, port):
+            client = await Client.open(port)
+            await client.send(b"POST /drip HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
+            for _ in range(6):
+                await trio.sleep(9)
+                await client.send(b"a")
+            reply = await client.response(b"POST")
+            assert reply.status == 200
+            assert reply.json()["body"] == "aaaaaa"
+            await client.aclose()

@@ -5,14 +5,14 @@ Each connection is a nursery of two tasks that lives as long as the connection. 
 waits until the socket is readable and feeds what it reads to h11; it stops reading while more
 than MAX_PIPELINED_BYTES sit unparsed, until the other task has consumed them. The other task
 runs the keep-alive loop: it takes h11's events (waiting for the reader when h11 needs data,
-bounded by the keep-alive and header timeouts), reads the body (bounded by size and by the same
-timeout between reads), runs the handler and sends its response. When the reader sees EOF or a
-reset while a request is being handled, the client has gone: it cancels the connection's
-nursery, and with it the handler — this is how a disconnect reaches the upstream call,
-streaming or not. A paused reader still notices: on Linux it waits on a private epoll that
-reports only a hang-up (EPOLLRDHUP, EPOLLHUP, EPOLLERR) of the socket, created when it pauses
-and closed when it goes on; elsewhere a disconnect is seen once the pipelined bytes have been
-consumed.
+bounded by the keep-alive and header timeouts), reads the body (bounded by size, by the header
+timeout between reads and by the body timeout in all), runs the handler and sends its response.
+When the reader sees EOF or a reset while a request is being handled, the client has gone: it
+cancels the connection's nursery, and with it the handler — this is how a disconnect reaches
+the upstream call, streaming or not. A paused reader still notices: on Linux it waits on a
+private epoll that reports only a hang-up (EPOLLRDHUP, EPOLLHUP, EPOLLERR) of the socket,
+created when it pauses and closed when it goes on; elsewhere a disconnect is seen once the
+pipelined bytes have been consumed.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class _ClientGone(Exception):
 
 
 class _Timeout(Exception):
-    """The client was too slow sending its request."""
+    """The client was too slow sending its request (the message, if any, says how)."""
 
 
 @attrs.define(eq=False)
@@ -364,10 +364,9 @@ class HTTPServer:
             assert isinstance(event, h11.Request)
             head_only = event.method == b"HEAD"
             return await self._read_body(conn, event)
-        except _Timeout:
-            await self._send_error(
-                conn, 408, "Timed out reading the request", "request_timeout", head_only
-            )
+        except _Timeout as exc:
+            message = str(exc) or "Timed out reading the request"
+            await self._send_error(conn, 408, message, "request_timeout", head_only)
             return None
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
@@ -391,9 +390,24 @@ class HTTPServer:
             await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
         chunks: list[bytes] = []
         size = 0
-        idle = self.limits.header_timeout
+        # Each wait for body bytes is bounded by the header timeout, and the whole body by the
+        # body timeout, counted from the first wait (the head has just been parsed then). A body
+        # that has already arrived with its head is read without looking at the clock.
+        body_end: float | None = None
         while True:
-            event = await conn.next_event(trio.current_time() + idle)
+            event = conn.poll()
+            if event is h11.NEED_DATA:
+                now = trio.current_time()
+                if body_end is None:
+                    body_end = now + self.limits.body_timeout
+                deadline = now + self.limits.header_timeout
+                whole_body = deadline >= body_end
+                with trio.move_on_at(body_end if whole_body else deadline):
+                    await conn.wait_data()
+                    continue
+                if whole_body:
+                    raise _Timeout(_body_too_slow(self.limits.body_timeout))
+                raise _Timeout
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > max_body:
@@ -564,6 +578,10 @@ def _check_head(
         # h11 would go by Transfer-Encoding; such requests are a smuggling vector (RFC 9112 6.1).
         raise HTTPError(400, "Malformed request: both Content-Length and Transfer-Encoding")
     return length
+
+
+def _body_too_slow(limit: float) -> str:
+    return f"Request body did not arrive within {limit:g} seconds"
 
 
 def _header_too_large(limit: int) -> str:
