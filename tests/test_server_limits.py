@@ -1,5 +1,6 @@
 """lb.http.server's own limits over real sockets on 127.0.0.1: a client that leaves while
-pipelined bytes wait unread, and the total body deadline.
+pipelined bytes wait unread, the total body deadline, the connection limit and running out of
+file descriptors; and `lb serve` raising its open files limit.
 
 The raw client and helpers are those of test_http_server.py.
 """
@@ -8,13 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import trio
 import trio.testing
+from harness import start_lb, start_mock
 from test_http_server import (
     Client,
+    all_tasks,
     assert_no_exceptions,
     assert_openai_error,
     assert_serving,
@@ -45,7 +51,7 @@ needs_proc = pytest.mark.skipif(
 
 async def until_closed(server: HTTPServer, left: int = 0) -> None:
     """Wait until the server has closed all but `left` client connections."""
-    while len(server._connections) > left:
+    while server.open_connections > left:
         await trio.sleep(0.01)
 
 
@@ -201,3 +207,136 @@ async def test_body_within_body_timeout_is_served(autojump_clock: trio.testing.M
             assert reply.status == 200
             assert reply.json()["body"] == "aaaaaa"
             await client.aclose()
+
+
+# --- the connection limit --------------------------------------------------------------------
+
+
+async def test_connection_over_max_connections_gets_503_and_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(5):
+        async with serving(max_connections=2) as (server, port):
+            first = await Client.open(port)
+            second = await Client.open(port)
+            for client in (first, second):
+                assert (await client.request(get("/"))).status == 200
+
+            over = await Client.open(port)
+            reply = await over.request(post("/v1/chat/completions", b"{}"), b"POST")
+            error = assert_openai_error(reply, 503)
+            assert error["code"] == "too_many_connections"
+            assert error["type"] == "service_unavailable"
+            assert "2" in error["message"]
+            assert reply.header(b"connection") == b"close"
+            assert reply.header(b"retry-after") == b"1"
+            await over.expect_eof()
+            await over.aclose()
+            assert server.connection_limit == 2
+            assert server.rejected_connections == 1
+            assert server.open_connections == 2
+
+            # The connections being served are not disturbed.
+            assert (await first.request(get("/again"))).json()["path"] == "/again"
+            # When one closes, a new connection is served again.
+            await second.aclose()
+            await until_closed(server, 1)
+            await assert_serving(port)
+            await first.aclose()
+            assert server.rejected_connections == 1
+    assert_no_exceptions(caplog)
+
+
+async def test_rejected_connection_gets_one_task_and_no_parser() -> None:
+    """A connection over the limit gets no h11 parser, reader or keep-alive loop: while it
+    lingers (its client has not closed yet) it costs one task."""
+    with trio.fail_after(5):
+        async with serving(max_connections=1) as (server, port):
+            served = await Client.open(port)
+            assert (await served.request(get("/"))).status == 200
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            tasks = len(all_tasks())
+            over = await Client.open(port)
+            assert (await over.response()).status == 503  # without sending a request
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert len(all_tasks()) == tasks + 1
+            assert len(server._connections) == 1
+            assert server.rejected_connections == 1
+            await over.aclose()
+            await served.aclose()
+
+
+async def test_max_connections_0_is_half_the_open_files_limit() -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with trio.fail_after(5):
+        async with serving() as (server, port):
+            assert server.connection_limit == soft // 2
+            await assert_serving(port)
+            assert server.rejected_connections == 0
+
+
+@contextmanager
+def open_files_limit(soft: int) -> Iterator[None]:
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+async def test_accept_loop_survives_running_out_of_file_descriptors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The process may open one more descriptor: the client's socket. The server's accept
+    then fails with EMFILE; once descriptors are available again the waiting connection is
+    served, and so are new ones."""
+    with trio.fail_after(5):
+        async with serving() as (_, port):
+            free = os.dup(0)
+            next_free = os.dup(0)
+            os.close(free)
+            os.close(next_free)
+            with open_files_limit(max(free, next_free)):
+                client = await Client.open(port)
+                await client.send(get("/first"))
+                while not any("accept failed" in r.getMessage() for r in caplog.records):
+                    await trio.sleep(0.01)
+            reply = await client.response()
+            assert reply.json()["path"] == "/first"
+            await client.aclose()
+            await assert_serving(port)
+    failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert "Too many open files" in failures[0].getMessage()
+
+
+# --- lb serve -------------------------------------------------------------------------------
+
+
+async def assert_serving_lb(port: int) -> None:
+    client = await Client.open(port)
+    try:
+        reply = await client.request(get("/health/liveness"))
+        assert reply.status == 200
+    finally:
+        await client.aclose()
+
+
+async def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no finite hard limit to raise the soft one to")
+    lower = min(soft, hard - 1, 1024)
+    with open_files_limit(lower), trio.fail_after(10):
+        node = await start_mock(nursery, models=("m",))
+        lb = await start_lb(nursery, [node], max_connections=0)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert any(
+            r.levelno == logging.DEBUG and "open files limit raised" in r.getMessage()
+            for r in caplog.records
+        )
+        await assert_serving_lb(lb.port)
+        lb.stop()
+        node.stop()

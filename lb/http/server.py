@@ -13,6 +13,12 @@ the upstream call, streaming or not. A paused reader still notices: on Linux it 
 private epoll that reports only a hang-up (EPOLLRDHUP, EPOLLHUP, EPOLLERR) of the socket,
 created when it pauses and closed when it goes on; elsewhere a disconnect is seen once the
 pipelined bytes have been consumed.
+
+The accept loop serves at most `max_connections` client connections at once (0: half the soft
+RLIMIT_NOFILE at start; the other half is left for connections to nodes). A connection over the
+limit gets a prebuilt 503 (`too_many_connections`, `retry-after: 1`) and is closed, without an
+h11 parser or tasks of its own; `HTTPServer.rejected_connections` counts them. Failing accepts
+(EMFILE and the like) are logged and retried after 0.1 s.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import select
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +46,9 @@ READ_SIZE = 65536
 # the reader stops reading until they are consumed (watching only for a hang-up meanwhile).
 MAX_PIPELINED_BYTES = 256 * 1024
 LINGER_SECS = 1.0
+# Connections turned away over max_connections linger (to deliver their 503 intact) only while
+# fewer than this many do; past it they are closed at once, so a flood cannot use up the fds.
+MAX_LINGERING_REJECTS = 64
 
 
 @attrs.frozen
@@ -218,6 +228,13 @@ class HTTPServer:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.draining = False
+        # Client connections being served, the most at once (set by serve(), 0: no limit), and
+        # how many were turned away with 503 over it.
+        self.open_connections = 0
+        self.connection_limit = 0
+        self.rejected_connections = 0
+        self._too_many = b""  # the prebuilt 503
+        self._lingering_rejects = 0
         self._accept_scope: trio.CancelScope | None = None
         self._connections_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
@@ -237,6 +254,8 @@ class HTTPServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._listeners = list(listeners)
+        self.connection_limit = connection_limit(self.limits.max_connections)
+        self._too_many = _too_many_connections(self.connection_limit)
         try:
             async with trio.open_nursery() as connections:
                 self._connections_scope = connections.cancel_scope
@@ -288,9 +307,31 @@ class HTTPServer:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
+            if 0 < self.connection_limit <= self.open_connections:
+                self.rejected_connections += 1
+                nursery.start_soon(self._reject, stream)
+                continue
+            self.open_connections += 1  # counted here, so that the next accept sees it
             nursery.start_soon(self._serve_connection, stream)
 
+    async def _reject(self, stream: trio.SocketStream) -> None:
+        """Answer the prebuilt 503 on a connection over the limit, and close it (after a
+        linger, while few others linger, so that unread request bytes do not turn the close
+        into a reset that destroys the answer)."""
+        try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(self._too_many)
+                if self._lingering_rejects < MAX_LINGERING_REJECTS:
+                    self._lingering_rejects += 1
+                    try:
+                        await _linger(stream)
+                    finally:
+                        self._lingering_rejects -= 1
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one connection; the accept loop has counted it in open_connections."""
         try:
             peer = stream.socket.getpeername()
             client = f"{peer[0]}:{peer[1]}"
@@ -316,7 +357,10 @@ class HTTPServer:
             log.exception("connection %s failed", client)
         finally:
             self._connections.discard(conn)
-            await trio.aclose_forcefully(stream)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                self.open_connections -= 1
 
     async def _keepalive_loop(self, conn: _Connection) -> None:
         first = True
@@ -578,6 +622,37 @@ def _check_head(
         # h11 would go by Transfer-Encoding; such requests are a smuggling vector (RFC 9112 6.1).
         raise HTTPError(400, "Malformed request: both Content-Length and Transfer-Encoding")
     return length
+
+
+def connection_limit(max_connections: int) -> int:
+    """Client connections to serve at once: `max_connections`, or when that is 0 half the soft
+    RLIMIT_NOFILE (the other half is for connections to nodes); 0 means no limit."""
+    if max_connections > 0:
+        return max_connections
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return 0
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 0
+    return max(1, soft // 2)
+
+
+def _too_many_connections(limit: int) -> bytes:
+    """The whole 503 answer to a connection over the limit, built once per server."""
+    response = error_response(
+        503,
+        f"lb is serving as many client connections as it may ({limit}); retry shortly",
+        code="too_many_connections",
+        headers=[(b"retry-after", b"1")],
+    )
+    headers = [
+        *response.headers,
+        (b"content-length", str(len(response.body)).encode()),
+        (b"connection", b"close"),
+    ]
+    lines = [name + b": " + value for name, value in headers]
+    return b"\r\n".join([b"HTTP/1.1 503 Service Unavailable", *lines, b"", response.body])
 
 
 def _body_too_slow(limit: float) -> str:
