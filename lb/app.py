@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import signal
 import socket
 import uuid
@@ -31,6 +32,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb")
 
 FORCED_EXIT = 1
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: client connections, node connections
+    and the server's connection limit (half the soft limit by default) all need descriptors.
+    A failure leaves the limit as it was."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
+    except (OSError, ValueError) as exc:
+        log.debug("open files limit left as it was: %s", exc)
 
 
 def server_limits(settings: Settings) -> ServerLimits:
@@ -143,6 +157,7 @@ async def serve(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run until drained by a signal (or cancelled); returns the process exit code."""
+    raise_open_files_limit()
     listeners = await open_listeners(settings)
     listen_port: int = listeners[0].socket.getsockname()[1]
     forced = False

@@ -5,11 +5,20 @@ Each connection is a nursery of two tasks that lives as long as the connection. 
 waits until the socket is readable and feeds what it reads to h11; it stops reading while more
 than MAX_PIPELINED_BYTES sit unparsed, until the other task has consumed them. The other task
 runs the keep-alive loop: it takes h11's events (waiting for the reader when h11 needs data,
-bounded by the keep-alive and header timeouts), reads the body (bounded by size and by the same
-timeout between reads), runs the handler and sends its response. When the reader sees EOF or a
-reset while a request is being handled, the client has gone: it cancels the connection's
-nursery, and with it the handler — this is how a disconnect reaches the upstream call,
-streaming or not.
+bounded by the keep-alive and header timeouts), reads the body (bounded by size, by the header
+timeout between reads and by the body timeout in all), runs the handler and sends its response.
+When the reader sees EOF or a reset while a request is being handled, the client has gone: it
+cancels the connection's nursery, and with it the handler — this is how a disconnect reaches
+the upstream call, streaming or not. A paused reader still notices: on Linux it waits on a
+private epoll that reports only a hang-up (EPOLLRDHUP, EPOLLHUP, EPOLLERR) of the socket,
+created when it pauses and closed when it goes on; elsewhere a disconnect is seen once the
+pipelined bytes have been consumed.
+
+The accept loop serves at most `max_connections` client connections at once (0: half the soft
+RLIMIT_NOFILE at start; the other half is left for connections to nodes). A connection over the
+limit gets a prebuilt 503 (`too_many_connections`, `retry-after: 1`) and is closed, without an
+h11 parser or tasks of its own; `HTTPServer.rejected_connections` counts them. Failing accepts
+(EMFILE and the like) are logged and retried after 0.1 s.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
+import select
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,9 +43,12 @@ log = logging.getLogger("lb.http")
 
 READ_SIZE = 65536
 # How many received bytes may wait unparsed in h11 (a pipelined next request, mostly) before
-# the reader stops reading (and with it, stops noticing disconnects) until they are consumed.
+# the reader stops reading until they are consumed (watching only for a hang-up meanwhile).
 MAX_PIPELINED_BYTES = 256 * 1024
 LINGER_SECS = 1.0
+# Connections turned away over max_connections linger (to deliver their 503 intact) only while
+# fewer than this many do; past it they are closed at once, so a flood cannot use up the fds.
+MAX_LINGERING_REJECTS = 64
 
 
 @attrs.frozen
@@ -53,7 +67,7 @@ class _ClientGone(Exception):
 
 
 class _Timeout(Exception):
-    """The client was too slow sending its request."""
+    """The client was too slow sending its request (the message, if any, says how)."""
 
 
 @attrs.define(eq=False)
@@ -70,7 +84,9 @@ class _Connection:
     linger: bool = False  # an error answer went out: linger before closing
     idle_scope: trio.CancelScope | None = None  # waiting for a request: drain cancels this
     _waiter: Task | None = None  # the keep-alive loop, waiting for the reader
-    _paused_reader: Task | None = None  # the reader, waiting for the buffer to drain
+    # The reader, waiting for the buffer to drain: parked (a Task), or watching for a hang-up
+    # in a cancel scope that poll() cancels to let it go on.
+    _paused: Task | trio.CancelScope | None = None
     _unchecked: int = 0  # bytes fed to h11 since its buffer was last measured
 
     async def send(self, *events: Any) -> None:
@@ -82,11 +98,14 @@ class _Connection:
     def poll(self) -> Any:
         """h11's next event, or NEED_DATA; lets a paused reader go on when it may."""
         event = self.h11.next_event()
-        if self._paused_reader is not None and (
+        if self._paused is not None and (
             event is h11.NEED_DATA or len(self.h11.trailing_data[0]) <= MAX_PIPELINED_BYTES
         ):
-            task, self._paused_reader = self._paused_reader, None
-            reschedule(task)
+            paused, self._paused = self._paused, None
+            if isinstance(paused, trio.CancelScope):
+                paused.cancel()
+            else:
+                reschedule(paused)
         return event
 
     async def next_event(self, deadline: float) -> Any:
@@ -144,9 +163,35 @@ class _Connection:
             if self._unchecked > MAX_PIPELINED_BYTES:
                 self._unchecked = len(parser.trailing_data[0])
                 if self._unchecked > MAX_PIPELINED_BYTES:
-                    self._paused_reader = current_task()
-                    await wait_task_rescheduled(self._abort_pause)
+                    if not await self._pause(fd):
+                        connection_scope.cancel()  # the client left during a request
+                        return
                     self._unchecked = MAX_PIPELINED_BYTES  # measure again after the next read
+
+    async def _pause(self, fd: int) -> bool:
+        """Stop reading until the keep-alive loop has consumed the buffer; False if the client
+        hung up meanwhile during a request (the caller cancels the connection).
+
+        Where epoll exists the reader watches a private one for a hang-up of the socket while
+        it waits. A hang-up outside a request marks the client gone (its next request is not
+        handled), and the reader then waits as before, to read what is left and the EOF."""
+        watch = _hangup_watch(fd)
+        if watch is not None:
+            with watch, trio.CancelScope() as resume:
+                self._paused = resume
+                while True:
+                    await trio.lowlevel.wait_readable(watch.fileno())
+                    if watch.poll(0):
+                        break
+            if self._paused is not resume:
+                return True  # poll() let it go on (perhaps as the hang-up came)
+            self._paused = None
+            self.eof = True
+            if self.in_request:
+                return False
+        self._paused = current_task()
+        await wait_task_rescheduled(self._abort_pause)
+        return True
 
     def _wake(self) -> None:
         task = self._waiter
@@ -155,8 +200,25 @@ class _Connection:
             reschedule(task)
 
     def _abort_pause(self, _: RaiseCancelT) -> Abort:
-        self._paused_reader = None
+        self._paused = None
         return Abort.SUCCEEDED
+
+
+def _hangup_watch(fd: int) -> select.epoll | None:
+    """A new epoll reporting only a hang-up of `fd` (the peer's FIN, a hang-up, an error such
+    as a reset; not data), or None where there is none to be had."""
+    if not hasattr(select, "epoll"):
+        return None
+    try:
+        watch = select.epoll()
+    except OSError:  # out of file descriptors: pause without watching
+        return None
+    try:
+        watch.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+    except OSError:
+        watch.close()
+        return None
+    return watch
 
 
 class HTTPServer:
@@ -166,6 +228,13 @@ class HTTPServer:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.draining = False
+        # Client connections being served, the most at once (set by serve(), 0: no limit), and
+        # how many were turned away with 503 over it.
+        self.open_connections = 0
+        self.connection_limit = 0
+        self.rejected_connections = 0
+        self._too_many = b""  # the prebuilt 503
+        self._lingering_rejects = 0
         self._accept_scope: trio.CancelScope | None = None
         self._connections_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
@@ -185,6 +254,8 @@ class HTTPServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._listeners = list(listeners)
+        self.connection_limit = connection_limit(self.limits.max_connections)
+        self._too_many = _too_many_connections(self.connection_limit)
         try:
             async with trio.open_nursery() as connections:
                 self._connections_scope = connections.cancel_scope
@@ -236,9 +307,31 @@ class HTTPServer:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
+            if 0 < self.connection_limit <= self.open_connections:
+                self.rejected_connections += 1
+                nursery.start_soon(self._reject, stream)
+                continue
+            self.open_connections += 1  # counted here, so that the next accept sees it
             nursery.start_soon(self._serve_connection, stream)
 
+    async def _reject(self, stream: trio.SocketStream) -> None:
+        """Answer the prebuilt 503 on a connection over the limit, and close it (after a
+        linger, while few others linger, so that unread request bytes do not turn the close
+        into a reset that destroys the answer)."""
+        try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(self._too_many)
+                if self._lingering_rejects < MAX_LINGERING_REJECTS:
+                    self._lingering_rejects += 1
+                    try:
+                        await _linger(stream)
+                    finally:
+                        self._lingering_rejects -= 1
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one connection; the accept loop has counted it in open_connections."""
         try:
             peer = stream.socket.getpeername()
             client = f"{peer[0]}:{peer[1]}"
@@ -264,7 +357,10 @@ class HTTPServer:
             log.exception("connection %s failed", client)
         finally:
             self._connections.discard(conn)
-            await trio.aclose_forcefully(stream)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                self.open_connections -= 1
 
     async def _keepalive_loop(self, conn: _Connection) -> None:
         first = True
@@ -312,10 +408,9 @@ class HTTPServer:
             assert isinstance(event, h11.Request)
             head_only = event.method == b"HEAD"
             return await self._read_body(conn, event)
-        except _Timeout:
-            await self._send_error(
-                conn, 408, "Timed out reading the request", "request_timeout", head_only
-            )
+        except _Timeout as exc:
+            message = str(exc) or "Timed out reading the request"
+            await self._send_error(conn, 408, message, "request_timeout", head_only)
             return None
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
@@ -339,9 +434,24 @@ class HTTPServer:
             await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
         chunks: list[bytes] = []
         size = 0
-        idle = self.limits.header_timeout
+        # Each wait for body bytes is bounded by the header timeout, and the whole body by the
+        # body timeout, counted from the first wait (the head has just been parsed then). A body
+        # that has already arrived with its head is read without looking at the clock.
+        body_end: float | None = None
         while True:
-            event = await conn.next_event(trio.current_time() + idle)
+            event = conn.poll()
+            if event is h11.NEED_DATA:
+                now = trio.current_time()
+                if body_end is None:
+                    body_end = now + self.limits.body_timeout
+                deadline = now + self.limits.header_timeout
+                whole_body = deadline >= body_end
+                with trio.move_on_at(body_end if whole_body else deadline):
+                    await conn.wait_data()
+                    continue
+                if whole_body:
+                    raise _Timeout(_body_too_slow(self.limits.body_timeout))
+                raise _Timeout
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > max_body:
@@ -512,6 +622,41 @@ def _check_head(
         # h11 would go by Transfer-Encoding; such requests are a smuggling vector (RFC 9112 6.1).
         raise HTTPError(400, "Malformed request: both Content-Length and Transfer-Encoding")
     return length
+
+
+def connection_limit(max_connections: int) -> int:
+    """Client connections to serve at once: `max_connections`, or when that is 0 half the soft
+    RLIMIT_NOFILE (the other half is for connections to nodes); 0 means no limit."""
+    if max_connections > 0:
+        return max_connections
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return 0
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 0
+    return max(1, soft // 2)
+
+
+def _too_many_connections(limit: int) -> bytes:
+    """The whole 503 answer to a connection over the limit, built once per server."""
+    response = error_response(
+        503,
+        f"lb is serving as many client connections as it may ({limit}); retry shortly",
+        code="too_many_connections",
+        headers=[(b"retry-after", b"1")],
+    )
+    headers = [
+        *response.headers,
+        (b"content-length", str(len(response.body)).encode()),
+        (b"connection", b"close"),
+    ]
+    lines = [name + b": " + value for name, value in headers]
+    return b"\r\n".join([b"HTTP/1.1 503 Service Unavailable", *lines, b"", response.body])
+
+
+def _body_too_slow(limit: float) -> str:
+    return f"Request body did not arrive within {limit:g} seconds"
 
 
 def _header_too_large(limit: int) -> str:
