@@ -42,15 +42,20 @@ dropped. If a reused connection still fails while sending, or hits EOF/reset bef
 byte of the response arrived, the request is retried once on a brand-new connection. A
 failure on a fresh connection is raised.
 
-Errors: ``ConnectError`` (refused, DNS, timeout, TLS handshake), ``UpstreamClosed``
-(connection dropped / EOF before the response completed), ``UpstreamProtocolError``
-(unparseable response), ``BodyTooLarge`` (``read(limit)`` overflow), ``PoolClosed``
-(request on a pool after ``aclose()``); all subclass ``UpstreamError``.
+Errors, all subclasses of ``UpstreamError``: ``ConnectError`` (refused, DNS, timeout, TLS
+handshake), ``LocalResourceError`` (connecting failed because lb itself is out of file
+descriptors or memory -- EMFILE, ENFILE, ENOBUFS, ENOMEM -- not the node's fault, and not a
+``ConnectError``), ``UpstreamClosed`` (connection dropped / EOF before the response
+completed), ``UpstreamProtocolError`` (unparseable response), ``BodyTooLarge``
+(``read(limit)`` overflow), ``PoolClosed`` (request on a pool after ``aclose()``); a plain
+``UpstreamError`` for a request h11 refuses to send (e.g. an invalid header).
 """
 
 from __future__ import annotations
 
+import errno
 import select
+import socket
 import ssl
 import time
 from collections import deque
@@ -66,6 +71,7 @@ __all__ = [
     "BodyTooLarge",
     "ConnectError",
     "ConnectionPool",
+    "LocalResourceError",
     "PoolClosed",
     "UpstreamClosed",
     "UpstreamError",
@@ -93,6 +99,13 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Errors a trio stream raises when the connection is gone.
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# errno values that mean lb itself ran out of something, whatever the node does.
+_LOCAL_ERRNOS = {
+    errno.EMFILE: "lb is out of file descriptors (EMFILE: the process limit, RLIMIT_NOFILE)",
+    errno.ENFILE: "lb is out of file descriptors (ENFILE: the system-wide limit)",
+    errno.ENOBUFS: "lb is out of memory (ENOBUFS: no kernel buffer space for a socket)",
+    errno.ENOMEM: "lb is out of memory (ENOMEM)",
+}
 
 
 class UpstreamError(Exception):
@@ -101,6 +114,11 @@ class UpstreamError(Exception):
 
 class ConnectError(UpstreamError):
     """Could not connect: refused, DNS failure, connect timeout, TLS handshake failure."""
+
+
+class LocalResourceError(UpstreamError):
+    """Could not connect because lb itself is out of file descriptors or memory (EMFILE,
+    ENFILE, ENOBUFS, ENOMEM): not the node's fault, so not a ``ConnectError``."""
 
 
 class UpstreamClosed(UpstreamError):
@@ -517,4 +535,38 @@ class ConnectionPool:
                 f"connecting to {self.base_url} timed out after {self.connect_timeout}s"
             ) from exc
         except (OSError, trio.BrokenResourceError) as exc:
+            local = _local_resource_problem(exc)
+            if local is not None:
+                raise LocalResourceError(
+                    f"cannot connect to {self.base_url}: {local}: {exc!r}"
+                ) from exc
             raise ConnectError(f"cannot connect to {self.base_url}: {exc!r}") from exc
+
+
+def _local_resource_problem(exc: BaseException) -> str | None:
+    """What lb itself ran out of, if `exc` or anything it wraps says so; else None.
+
+    ``trio.open_tcp_stream`` raises a socket's error as is (from a host name lookup), or, for
+    failed connection attempts, a plain ``OSError`` ("all attempts ... failed") whose
+    ``__cause__`` is an ``ExceptionGroup`` of each attempt's ``OSError``: the whole chain is
+    searched (``__cause__``, ``__context__``, group members).
+    """
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, socket.gaierror):
+            if err.errno == socket.EAI_MEMORY:
+                return "lb is out of memory (EAI_MEMORY from the host name lookup)"
+        elif isinstance(err, OSError) and err.errno in _LOCAL_ERRNOS:
+            return _LOCAL_ERRNOS[err.errno]
+        if isinstance(err, BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        if err.__cause__ is not None:
+            todo.append(err.__cause__)
+        if err.__context__ is not None:
+            todo.append(err.__context__)
+    return None
