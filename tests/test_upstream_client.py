@@ -314,10 +314,14 @@ async def test_reused_connection_dropped_on_request_is_retried(reset: bool) -> N
             pool = ConnectionPool(server.url())
             async with pool.request("POST", "/", JSON, b"{}") as resp:
                 assert await resp.read() == b"conn 1"
-            async with pool.request("POST", "/", JSON, b"{}") as resp:
+            sent: list[None] = []
+            async with pool.request(
+                "POST", "/", JSON, b"{}", on_sent=lambda: sent.append(None)
+            ) as resp:
                 assert await resp.read() == b"conn 2"
             assert server.accepted == 2
             assert_stats(pool, idle=1, opened=2, retries=1)
+            assert len(sent) == 2  # the dead connection took the whole request: sent twice
 
 
 async def test_reused_connection_failing_to_send_is_retried() -> None:
@@ -329,9 +333,13 @@ async def test_reused_connection_failing_to_send_is_retried() -> None:
             # Our own write side shut: sending fails, yet nothing is readable, so only the
             # retry can save the request.
             pool._idle[0].sock.shutdown(socket.SHUT_WR)
-            async with pool.request("POST", "/", JSON, b"{}") as resp:
+            sent: list[None] = []
+            async with pool.request(
+                "POST", "/", JSON, b"{}", on_sent=lambda: sent.append(None)
+            ) as resp:
                 assert orjson.loads(await resp.read())["body"] == {}
             assert_stats(pool, idle=1, opened=2, retries=1)
+            assert len(sent) == 1  # only the retry's send completed
 
 
 async def test_fresh_connection_dropped_before_response_raises() -> None:
@@ -682,6 +690,35 @@ async def test_large_request_body() -> None:
             async with pool.request("POST", "/", JSON, body) as resp:
                 assert await resp.read() == str(len(body)).encode()
             assert server.requests[0][1] == body
+
+
+# --- the on_sent hook ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 100, 300_000], ids=["no-body", "small", "large"])
+async def test_on_sent_is_called_before_the_wait_for_the_head(size: int) -> None:
+    # The node answers only once on_sent() was called: had the client waited for the head
+    # first, this would deadlock.
+    calls = 0
+    sent = trio.Event()
+
+    def on_sent() -> None:
+        nonlocal calls
+        calls += 1
+        sent.set()
+
+    async def respond(request: h11.Request, received: bytes) -> Reply:
+        await sent.wait()
+        return 200, [], b"%d" % len(received)
+
+    with trio.fail_after(5):
+        async with serve(h11_handler(respond)) as server:
+            pool = ConnectionPool(server.url())
+            method = "POST" if size else "GET"
+            async with pool.request(method, "/", [], b"z" * size, on_sent=on_sent) as resp:
+                assert calls == 1
+                assert await resp.read() == b"%d" % size
+            assert calls == 1
 
 
 async def test_idle_timeout_and_max_idle() -> None:

@@ -8,7 +8,8 @@ API::
 
     pool = ConnectionPool("http://127.0.0.1:8000", max_idle=256, idle_timeout=30.0,
                           connect_timeout=10.0, ssl_context=None)
-    async with pool.request("POST", "/v1/chat/completions", headers, body) as resp:
+    async with pool.request("POST", "/v1/chat/completions", headers, body,
+                            on_sent=None) as resp:
         resp.status                    # int
         resp.headers                   # Headers: list[(name, value)], names lower-case
         chunk = await resp.receive_some()   # body bytes as they arrive; b"" at end of body
@@ -20,6 +21,12 @@ API::
 ``base_url`` may carry a path prefix (``http://host:8080/v1``): request paths are appended
 to it. ``https`` uses ``trio.SSLStream`` with ``ssl.create_default_context()`` unless an
 ``ssl_context`` is given.
+
+``on_sent``: an optional ``Callable[[], None]``, called (synchronously) once the whole
+request, head and body, has been written to the socket, before the wait for the response
+head -- e.g. to end a timeout that should bound connect + send but not the node's work. Not
+called if the send failed. After a transparent retry (below) it is called again once the
+retry's send completes, so it can be called twice for one request.
 
 Request headers: the client sets ``host`` and ``content-length`` itself and drops the
 caller's ``host``, ``content-length`` and hop-by-hop headers (``connection``,
@@ -59,6 +66,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -289,16 +297,32 @@ class UpstreamResponse:
 class _RequestContext:
     """What ``ConnectionPool.request()`` returns: sends on enter, releases on exit."""
 
-    __slots__ = ("_body", "_conn", "_headers", "_method", "_path", "_pool", "_response")
+    __slots__ = (
+        "_body",
+        "_conn",
+        "_headers",
+        "_method",
+        "_on_sent",
+        "_path",
+        "_pool",
+        "_response",
+    )
 
     def __init__(
-        self, pool: ConnectionPool, method: str, path: str, headers: Headers, body: bytes
+        self,
+        pool: ConnectionPool,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        on_sent: Callable[[], None] | None,
     ) -> None:
         self._pool = pool
         self._method = method
         self._path = path
         self._headers = headers
         self._body = body
+        self._on_sent = on_sent
         self._conn: _Conn | None = None
         self._response: UpstreamResponse | None = None
 
@@ -357,6 +381,8 @@ class _RequestContext:
             if conn.reused:
                 raise _Retry from exc
             raise UpstreamClosed(f"connection to node lost while sending: {exc!r}") from exc
+        if self._on_sent is not None:
+            self._on_sent()
         try:
             while True:
                 event = await conn.next_event()
@@ -448,17 +474,25 @@ class ConnectionPool:
         }
 
     def request(
-        self, method: str, path: str, headers: Headers, body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes = b"",
+        *,
+        on_sent: Callable[[], None] | None = None,
     ) -> _RequestContext:
         """``async with pool.request(...) as response:`` -- see the module docstring.
 
         `path` is appended to the base URL's path prefix and may include a query string.
+        `on_sent()` is called once the whole request is written, before the wait for the
+        response head (again after a transparent retry's send).
         """
         if self._closed:
             raise PoolClosed(f"connection pool for {self.base_url} is closed")
         if path[:1] != "/":
             path = "/" + path
-        return _RequestContext(self, method, path, headers, body)
+        return _RequestContext(self, method, path, headers, body, on_sent)
 
     async def aclose(self) -> None:
         """Close all idle connections; connections in use are closed when their request
