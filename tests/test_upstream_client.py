@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
 import socket
 import ssl
 import struct
@@ -18,9 +21,11 @@ from lb.upstream.client import (
     BodyTooLarge,
     ConnectError,
     ConnectionPool,
+    LocalResourceError,
     PoolClosed,
     UpstreamClosed,
     UpstreamProtocolError,
+    _local_resource_problem,
 )
 
 Handler = Callable[[trio.abc.Stream, "Server"], Awaitable[None]]
@@ -309,10 +314,14 @@ async def test_reused_connection_dropped_on_request_is_retried(reset: bool) -> N
             pool = ConnectionPool(server.url())
             async with pool.request("POST", "/", JSON, b"{}") as resp:
                 assert await resp.read() == b"conn 1"
-            async with pool.request("POST", "/", JSON, b"{}") as resp:
+            sent: list[None] = []
+            async with pool.request(
+                "POST", "/", JSON, b"{}", on_sent=lambda: sent.append(None)
+            ) as resp:
                 assert await resp.read() == b"conn 2"
             assert server.accepted == 2
             assert_stats(pool, idle=1, opened=2, retries=1)
+            assert len(sent) == 2  # the dead connection took the whole request: sent twice
 
 
 async def test_reused_connection_failing_to_send_is_retried() -> None:
@@ -324,9 +333,13 @@ async def test_reused_connection_failing_to_send_is_retried() -> None:
             # Our own write side shut: sending fails, yet nothing is readable, so only the
             # retry can save the request.
             pool._idle[0].sock.shutdown(socket.SHUT_WR)
-            async with pool.request("POST", "/", JSON, b"{}") as resp:
+            sent: list[None] = []
+            async with pool.request(
+                "POST", "/", JSON, b"{}", on_sent=lambda: sent.append(None)
+            ) as resp:
                 assert orjson.loads(await resp.read())["body"] == {}
             assert_stats(pool, idle=1, opened=2, retries=1)
+            assert len(sent) == 1  # only the retry's send completed
 
 
 async def test_fresh_connection_dropped_before_response_raises() -> None:
@@ -497,6 +510,80 @@ async def test_unresolvable_host_raises_connect_error() -> None:
             pass
 
 
+async def test_out_of_file_descriptors_raises_local_resource_error() -> None:
+    # Real exhaustion: the soft RLIMIT_NOFILE is lowered to just above the descriptors in
+    # use and filled up, so creating the socket to the (healthy) node fails with EMFILE.
+    with trio.fail_after(5):
+        async with serve(h11_handler(echo_json)) as server:
+            pool = ConnectionPool(server.url())
+            socket.getaddrinfo("127.0.0.1", server.port)  # the first call imports a codec
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fillers: list[socket.socket] = []
+            try:
+                highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+                with pytest.raises(OSError) as full:
+                    while True:
+                        fillers.append(socket.socket())
+                assert full.value.errno == errno.EMFILE
+                with pytest.raises(LocalResourceError, match="out of file descriptors") as info:
+                    async with pool.request("GET", "/", []):
+                        pass
+            finally:
+                for sock in fillers:
+                    sock.close()
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert not isinstance(info.value, ConnectError)  # not the node's fault
+            assert_stats(pool, idle=0, opened=0)
+            async with pool.request("GET", "/", []) as resp:  # descriptors back: works again
+                assert resp.status == 200
+                await resp.read()
+            assert server.accepted == 1
+
+
+def attempts_failed(*errors: OSError) -> OSError:
+    """What trio.open_tcp_stream raises when every connection attempt failed."""
+    msg = "all attempts to connect to 10.0.0.1:80 failed"
+    exc = OSError(msg)
+    exc.__cause__ = ExceptionGroup(msg, list(errors))
+    return exc
+
+
+def with_context(exc: BaseException, context: BaseException) -> BaseException:
+    exc.__context__ = context
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (OSError(errno.EMFILE, "Too many open files"), "out of file descriptors (EMFILE"),
+        (OSError(errno.ENFILE, "Too many open files in system"), "out of file descriptors"),
+        (OSError(errno.ENOBUFS, "No buffer space available"), "out of memory (ENOBUFS"),
+        (OSError(errno.ENOMEM, "Cannot allocate memory"), "out of memory (ENOMEM"),
+        (attempts_failed(OSError(errno.EMFILE, "x")), "EMFILE"),
+        (
+            attempts_failed(
+                OSError(errno.ECONNREFUSED, "refused"), OSError(errno.ENOBUFS, "no buffers")
+            ),
+            "ENOBUFS",
+        ),
+        (with_context(trio.BrokenResourceError(), OSError(errno.ENOMEM, "x")), "ENOMEM"),
+        (socket.gaierror(socket.EAI_MEMORY, "Memory allocation failure"), "EAI_MEMORY"),
+        (OSError(errno.ECONNREFUSED, "Connection refused"), None),
+        (attempts_failed(OSError(errno.ECONNREFUSED, "refused")), None),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), None),
+        (OSError("no results found for hostname lookup"), None),
+    ],
+)
+def test_local_resource_errors_are_told_apart(exc: BaseException, expected: str | None) -> None:
+    got = _local_resource_problem(exc)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and expected in got
+
+
 @pytest.mark.parametrize(
     "chunks",
     [
@@ -603,6 +690,35 @@ async def test_large_request_body() -> None:
             async with pool.request("POST", "/", JSON, body) as resp:
                 assert await resp.read() == str(len(body)).encode()
             assert server.requests[0][1] == body
+
+
+# --- the on_sent hook ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 100, 300_000], ids=["no-body", "small", "large"])
+async def test_on_sent_is_called_before_the_wait_for_the_head(size: int) -> None:
+    # The node answers only once on_sent() was called: had the client waited for the head
+    # first, this would deadlock.
+    calls = 0
+    sent = trio.Event()
+
+    def on_sent() -> None:
+        nonlocal calls
+        calls += 1
+        sent.set()
+
+    async def respond(request: h11.Request, received: bytes) -> Reply:
+        await sent.wait()
+        return 200, [], b"%d" % len(received)
+
+    with trio.fail_after(5):
+        async with serve(h11_handler(respond)) as server:
+            pool = ConnectionPool(server.url())
+            method = "POST" if size else "GET"
+            async with pool.request(method, "/", [], b"z" * size, on_sent=on_sent) as resp:
+                assert calls == 1
+                assert await resp.read() == b"%d" % size
+            assert calls == 1
 
 
 async def test_idle_timeout_and_max_idle() -> None:

@@ -8,7 +8,8 @@ API::
 
     pool = ConnectionPool("http://127.0.0.1:8000", max_idle=256, idle_timeout=30.0,
                           connect_timeout=10.0, ssl_context=None)
-    async with pool.request("POST", "/v1/chat/completions", headers, body) as resp:
+    async with pool.request("POST", "/v1/chat/completions", headers, body,
+                            on_sent=None) as resp:
         resp.status                    # int
         resp.headers                   # Headers: list[(name, value)], names lower-case
         chunk = await resp.receive_some()   # body bytes as they arrive; b"" at end of body
@@ -20,6 +21,12 @@ API::
 ``base_url`` may carry a path prefix (``http://host:8080/v1``): request paths are appended
 to it. ``https`` uses ``trio.SSLStream`` with ``ssl.create_default_context()`` unless an
 ``ssl_context`` is given.
+
+``on_sent``: an optional ``Callable[[], None]``, called (synchronously) once the whole
+request, head and body, has been written to the socket, before the wait for the response
+head -- e.g. to end a timeout that should bound connect + send but not the node's work. Not
+called if the send failed. After a transparent retry (below) it is called again once the
+retry's send completes, so it can be called twice for one request.
 
 Request headers: the client sets ``host`` and ``content-length`` itself and drops the
 caller's ``host``, ``content-length`` and hop-by-hop headers (``connection``,
@@ -42,18 +49,24 @@ dropped. If a reused connection still fails while sending, or hits EOF/reset bef
 byte of the response arrived, the request is retried once on a brand-new connection. A
 failure on a fresh connection is raised.
 
-Errors: ``ConnectError`` (refused, DNS, timeout, TLS handshake), ``UpstreamClosed``
-(connection dropped / EOF before the response completed), ``UpstreamProtocolError``
-(unparseable response), ``BodyTooLarge`` (``read(limit)`` overflow), ``PoolClosed``
-(request on a pool after ``aclose()``); all subclass ``UpstreamError``.
+Errors, all subclasses of ``UpstreamError``: ``ConnectError`` (refused, DNS, timeout, TLS
+handshake), ``LocalResourceError`` (connecting failed because lb itself is out of file
+descriptors or memory -- EMFILE, ENFILE, ENOBUFS, ENOMEM -- not the node's fault, and not a
+``ConnectError``), ``UpstreamClosed`` (connection dropped / EOF before the response
+completed), ``UpstreamProtocolError`` (unparseable response), ``BodyTooLarge``
+(``read(limit)`` overflow), ``PoolClosed`` (request on a pool after ``aclose()``); a plain
+``UpstreamError`` for a request h11 refuses to send (e.g. an invalid header).
 """
 
 from __future__ import annotations
 
+import errno
 import select
+import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -66,6 +79,7 @@ __all__ = [
     "BodyTooLarge",
     "ConnectError",
     "ConnectionPool",
+    "LocalResourceError",
     "PoolClosed",
     "UpstreamClosed",
     "UpstreamError",
@@ -93,6 +107,13 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Errors a trio stream raises when the connection is gone.
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# errno values that mean lb itself ran out of something, whatever the node does.
+_LOCAL_ERRNOS = {
+    errno.EMFILE: "lb is out of file descriptors (EMFILE: the process limit, RLIMIT_NOFILE)",
+    errno.ENFILE: "lb is out of file descriptors (ENFILE: the system-wide limit)",
+    errno.ENOBUFS: "lb is out of memory (ENOBUFS: no kernel buffer space for a socket)",
+    errno.ENOMEM: "lb is out of memory (ENOMEM)",
+}
 
 
 class UpstreamError(Exception):
@@ -101,6 +122,11 @@ class UpstreamError(Exception):
 
 class ConnectError(UpstreamError):
     """Could not connect: refused, DNS failure, connect timeout, TLS handshake failure."""
+
+
+class LocalResourceError(UpstreamError):
+    """Could not connect because lb itself is out of file descriptors or memory (EMFILE,
+    ENFILE, ENOBUFS, ENOMEM): not the node's fault, so not a ``ConnectError``."""
 
 
 class UpstreamClosed(UpstreamError):
@@ -271,16 +297,32 @@ class UpstreamResponse:
 class _RequestContext:
     """What ``ConnectionPool.request()`` returns: sends on enter, releases on exit."""
 
-    __slots__ = ("_body", "_conn", "_headers", "_method", "_path", "_pool", "_response")
+    __slots__ = (
+        "_body",
+        "_conn",
+        "_headers",
+        "_method",
+        "_on_sent",
+        "_path",
+        "_pool",
+        "_response",
+    )
 
     def __init__(
-        self, pool: ConnectionPool, method: str, path: str, headers: Headers, body: bytes
+        self,
+        pool: ConnectionPool,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        on_sent: Callable[[], None] | None,
     ) -> None:
         self._pool = pool
         self._method = method
         self._path = path
         self._headers = headers
         self._body = body
+        self._on_sent = on_sent
         self._conn: _Conn | None = None
         self._response: UpstreamResponse | None = None
 
@@ -339,6 +381,8 @@ class _RequestContext:
             if conn.reused:
                 raise _Retry from exc
             raise UpstreamClosed(f"connection to node lost while sending: {exc!r}") from exc
+        if self._on_sent is not None:
+            self._on_sent()
         try:
             while True:
                 event = await conn.next_event()
@@ -430,17 +474,25 @@ class ConnectionPool:
         }
 
     def request(
-        self, method: str, path: str, headers: Headers, body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes = b"",
+        *,
+        on_sent: Callable[[], None] | None = None,
     ) -> _RequestContext:
         """``async with pool.request(...) as response:`` -- see the module docstring.
 
         `path` is appended to the base URL's path prefix and may include a query string.
+        `on_sent()` is called once the whole request is written, before the wait for the
+        response head (again after a transparent retry's send).
         """
         if self._closed:
             raise PoolClosed(f"connection pool for {self.base_url} is closed")
         if path[:1] != "/":
             path = "/" + path
-        return _RequestContext(self, method, path, headers, body)
+        return _RequestContext(self, method, path, headers, body, on_sent)
 
     async def aclose(self) -> None:
         """Close all idle connections; connections in use are closed when their request
@@ -517,4 +569,38 @@ class ConnectionPool:
                 f"connecting to {self.base_url} timed out after {self.connect_timeout}s"
             ) from exc
         except (OSError, trio.BrokenResourceError) as exc:
+            local = _local_resource_problem(exc)
+            if local is not None:
+                raise LocalResourceError(
+                    f"cannot connect to {self.base_url}: {local}: {exc!r}"
+                ) from exc
             raise ConnectError(f"cannot connect to {self.base_url}: {exc!r}") from exc
+
+
+def _local_resource_problem(exc: BaseException) -> str | None:
+    """What lb itself ran out of, if `exc` or anything it wraps says so; else None.
+
+    ``trio.open_tcp_stream`` raises a socket's error as is (from a host name lookup), or, for
+    failed connection attempts, a plain ``OSError`` ("all attempts ... failed") whose
+    ``__cause__`` is an ``ExceptionGroup`` of each attempt's ``OSError``: the whole chain is
+    searched (``__cause__``, ``__context__``, group members).
+    """
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, socket.gaierror):
+            if err.errno == socket.EAI_MEMORY:
+                return "lb is out of memory (EAI_MEMORY from the host name lookup)"
+        elif isinstance(err, OSError) and err.errno in _LOCAL_ERRNOS:
+            return _LOCAL_ERRNOS[err.errno]
+        if isinstance(err, BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        if err.__cause__ is not None:
+            todo.append(err.__cause__)
+        if err.__context__ is not None:
+            todo.append(err.__context__)
+    return None
