@@ -139,9 +139,12 @@ def build_router(
     router = Router()
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
-        router, registry, settings.min_healthy_nodes, fleet.status if fleet else None
+        router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
+        admin_key=settings.admin_key,
     )
-    debug.add_routes(router, registry, services or {}, scan or scanner.ScanState())
+    debug.add_routes(
+        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key
+    )
     admin.add_routes(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
         change_prefs=change_prefs,

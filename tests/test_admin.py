@@ -104,5 +104,5 @@ async def test_prefs_change_routing_at_run_time(nursery: trio.Nursery) -> None:
             removed = await client.post(f"{lb.url}/v1/admin/prefs", headers=AUTH,
                                         json={"maxconn": {node.key: None}})
             assert removed.json()["maxconn"] == {}
-            nodes = (await client.get(f"{lb.url}/v1/nodes")).json()["nodes"]
+            nodes = (await client.get(f"{lb.url}/v1/nodes", headers=AUTH)).json()["nodes"]
             assert nodes[0]["maxconn"] == 0 and nodes[0]["local_maxconn"] == 0

@@ -8,9 +8,9 @@ import httpx
 import trio
 from harness import CHAT, Running, start_lb, start_mock
 
-from lb.api.debug import eligibility
 from lb.cluster.node import Node
 from lb.config import NodeConfig
+from lb.routing.eligibility import eligibility
 
 MODEL = "llama-3.1-8b"
 

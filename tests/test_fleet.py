@@ -91,7 +91,8 @@ async def fleet_pair(
 
 
 async def get(lb: Running, path: str, **kwargs: Any) -> Any:
-    async with httpx.AsyncClient() as client:
+    """GET as the admin (the views of the topology need the key on instances that have one)."""
+    async with httpx.AsyncClient(headers={"authorization": "Bearer k"}) as client:
         return (await client.get(f"{lb.url}{path}", **kwargs)).json()
 
 
@@ -191,7 +192,7 @@ async def test_admin_change_reaches_every_instance(
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["model"] == "gemma3-270m"
-            nodes = (await client.get(f"{lb2.url}/v1/nodes")).json()["nodes"]
+            nodes = (await client.get(f"{lb2.url}/v1/nodes", headers=auth)).json()["nodes"]
             assert nodes[0]["maxconn"] == 3
 
 

@@ -25,10 +25,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lb.http.errors import HTTPError
+from lb.errors import LBError
 from lb.http.routes import Router
 from lb.http.server import MAX_PIPELINED_BYTES, HTTPServer, ServerLimits
-from lb.http.types import Handler, Request, Response, SendBody
+from lb.http.types import Handler, Request, Response, ResponseSink
 
 HOST = "127.0.0.1"
 
@@ -303,7 +303,8 @@ async def test_streaming_response_is_chunked_and_not_buffered() -> None:
     produced: list[int] = []
     consumed = [trio.Event() for _ in range(3)]
 
-    async def writer(send: SendBody) -> None:
+    async def writer(sink: ResponseSink) -> None:
+        send = sink.send
         for i in range(3):
             produced.append(i)
             await send(f"chunk{i};".encode())
@@ -339,7 +340,8 @@ async def test_streaming_response_is_chunked_and_not_buffered() -> None:
 
 
 async def test_streaming_writer_failure_after_head_truncates_and_server_keeps_serving() -> None:
-    async def writer(send: SendBody) -> None:
+    async def writer(sink: ResponseSink) -> None:
+        send = sink.send
         await send(b"partial")
         raise RuntimeError("upstream broke")
 
@@ -366,10 +368,10 @@ async def test_streaming_writer_failure_after_head_truncates_and_server_keeps_se
 async def test_streaming_writer_failure_before_first_send_is_an_ordinary_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async def refuse(send: SendBody) -> None:
-        raise HTTPError(503, "no upstream", code="no_upstream")
+    async def refuse(sink: ResponseSink) -> None:
+        raise LBError("no upstream", status=503, code="no_upstream")
 
-    async def crash(send: SendBody) -> None:
+    async def crash(sink: ResponseSink) -> None:
         raise RuntimeError("boom")
 
     async def handler(request: Request) -> Response:
@@ -703,8 +705,8 @@ async def test_router_unknown_path_404_and_wrong_method_405() -> None:
 async def test_handler_http_error_and_crash(caplog: pytest.LogCaptureFixture) -> None:
     async def handler(request: Request) -> Response:
         if request.path == "/teapot":
-            raise HTTPError(429, "slow down", code="rate_limited", param="model",
-                            headers=[(b"retry-after", b"1")])
+            raise LBError("slow down", status=429, code="rate_limited", param="model",
+                          retry_after=1)
         if request.path == "/crash":
             raise RuntimeError("boom")
         return await echo(request)
@@ -767,7 +769,8 @@ async def test_client_disconnect_cancels_the_handler(
             cancelled.set()
             raise
 
-    async def writer(send: SendBody) -> None:
+    async def writer(sink: ResponseSink) -> None:
+        send = sink.send
         await send(b"first")
         await wait_forever()
 
@@ -997,7 +1000,8 @@ async def test_drain_lets_an_inflight_stream_finish_with_connection_close() -> N
     finish = trio.Event()
     streaming = trio.Event()
 
-    async def writer(send: SendBody) -> None:
+    async def writer(sink: ResponseSink) -> None:
+        send = sink.send
         await send(b"a")
         streaming.set()
         await finish.wait()
@@ -1033,7 +1037,8 @@ async def test_drain_cancels_a_stream_that_outlives_the_timeout(
     streaming = trio.Event()
     cancelled = trio.Event()
 
-    async def writer(send: SendBody) -> None:
+    async def writer(sink: ResponseSink) -> None:
+        send = sink.send
         await send(b"a")
         streaming.set()
         try:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.http.errors import HTTPError
+from lb.errors import LBError, MethodNotAllowed
 from lb.http.routes import Router
 from lb.http.types import Request, Response
 
@@ -51,13 +51,13 @@ async def test_exact_beats_patterns_and_head_uses_get() -> None:
 
 @pytest.mark.parametrize("path", ["/v1/models/", "/v1/things//parts", "/v1/things/x", "/nope"])
 async def test_unknown_is_404(path: str) -> None:
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(LBError) as caught:
         await route("GET", path)
     assert caught.value.status == 404
 
 
 async def test_wrong_method_is_405_with_allow() -> None:
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(MethodNotAllowed) as caught:
         await route("DELETE", "/v1/things/x/parts")
     assert caught.value.status == 405
-    assert caught.value.headers == [(b"allow", b"GET, POST")]
+    assert caught.value.allowed == ("GET", "POST")

@@ -10,22 +10,27 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from lb.cluster.prefs import Prefs, apply_update
-from lb.http.errors import HTTPError
+from lb.errors import BadRequest, Forbidden, Unauthorized
 from lb.http.routes import Router
 from lb.http.types import Request, Response
 
 
 def check_admin(request: Request, admin_key: str) -> None:
     if not admin_key:
-        raise HTTPError(403, "Admin endpoints are disabled; set LB_ADMIN_KEY to enable them",
+        raise Forbidden("Admin endpoints are disabled; set LB_ADMIN_KEY to enable them",
                         code="admin_disabled")
     header = request.header(b"authorization") or b""
     scheme, _, token = header.decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         token.strip().encode(), admin_key.encode()
     ):
-        raise HTTPError(401, "Missing or invalid admin key (Authorization: Bearer <LB_ADMIN_KEY>)",
-                        code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])
+        raise Unauthorized("Missing or invalid admin key (Authorization: Bearer <LB_ADMIN_KEY>)")
+
+
+def require_admin_if_set(request: Request, admin_key: str) -> None:
+    """Views of the topology (nodes, addresses, errors) need the admin key once one is set."""
+    if admin_key:
+        check_admin(request, admin_key)
 
 
 def add_routes(
@@ -44,12 +49,12 @@ def add_routes(
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
-            raise HTTPError(400, f"Request body is not valid JSON: {exc}",
-                            code="invalid_json") from None
+            message = f"Request body is not valid JSON: {exc}"
+            raise BadRequest(message, code="invalid_json") from None
         try:
             prefs = apply_update(get_prefs(), body)
         except ValueError as exc:
-            raise HTTPError(400, str(exc), code="invalid_prefs") from None
+            raise BadRequest(str(exc), code="invalid_prefs") from None
         shared = await change_prefs(prefs)
         return Response.json({**prefs.to_json(), "shared": shared})
 

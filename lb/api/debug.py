@@ -6,35 +6,14 @@ from collections.abc import Mapping
 
 import trio
 
+from lb.api.admin import require_admin_if_set
 from lb.api.nodes import model_param
-from lb.cluster.node import Node
 from lb.cluster.registry import Registry
 from lb.cluster.scanner import ScanState
 from lb.http.routes import Router
 from lb.http.types import Request, Response
+from lb.routing.eligibility import Reason, eligibility
 from lb.supervise import ServiceStats
-
-DOWN = "down"
-DRAINING = "draining"
-MODEL_MISSING = "model_missing"
-BREAKER_OPEN = "breaker_open"
-AT_CAPACITY = "at_capacity"
-ELIGIBLE = "eligible"
-
-
-def eligibility(node: Node, model: str, now: float) -> str:
-    """Why `node` would or would not take a request for `model` now (the first reason found)."""
-    if not node.healthy:
-        return DOWN
-    if node.draining:
-        return DRAINING
-    if model not in node.models:
-        return MODEL_MISSING
-    if not node.breaker.allows(now):
-        return BREAKER_OPEN
-    if node.is_full():
-        return AT_CAPACITY
-    return ELIGIBLE
 
 
 def add_routes(
@@ -42,8 +21,10 @@ def add_routes(
     registry: Registry,
     services: Mapping[str, ServiceStats],
     scan: ScanState,
+    admin_key: str = "",
 ) -> None:
     async def eligible(request: Request) -> Response:
+        require_admin_if_set(request, admin_key)
         model = model_param(request)
         now = trio.current_time()
         nodes = [
@@ -52,11 +33,12 @@ def add_routes(
         ]
         return Response.json({
             "model": model,
-            "eligible": [entry["node"] for entry in nodes if entry["reason"] == ELIGIBLE],
+            "eligible": [entry["node"] for entry in nodes if entry["reason"] == Reason.ELIGIBLE],
             "nodes": nodes,
         })
 
     async def list_services(request: Request) -> Response:
+        require_admin_if_set(request, admin_key)
         body = {
             "services": {
                 name: {"crashes": stats.crashes, "last_error": stats.last_error}

@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 import trio
 
+from lb.api.admin import require_admin_if_set
 from lb.cluster.registry import Registry
-from lb.http.errors import HTTPError
+from lb.errors import BadRequest, ModelNotFound
 from lb.http.routes import Router
 from lb.http.types import Request, Response
+from lb.routing.eligibility import blocked
 
 CREATED = 1700000000  # OpenAI's list shape needs a timestamp; the node's own is not shared
 
@@ -18,8 +20,8 @@ def model_param(request: Request) -> str:
     """The `model` query parameter, which these views require."""
     model = request.query_params().get("model")
     if not model:
-        raise HTTPError(400, "Query parameter 'model' is required", code="missing_parameter",
-                        param="model")
+        raise BadRequest("Query parameter 'model' is required", code="missing_parameter",
+                         param="model")
     return model
 
 
@@ -38,6 +40,7 @@ def add_routes(
     registry: Registry,
     min_healthy: int,
     fleet_status: Callable[[], dict[str, object]] | None = None,
+    admin_key: str = "",
 ) -> None:
     async def list_models(request: Request) -> Response:
         data = [_model_entry(model, registry) for model in registry.models()]
@@ -46,21 +49,22 @@ def add_routes(
     async def get_model(request: Request) -> Response:
         model = request.path_params["model"]
         if not registry.serving(model):
-            raise HTTPError(404, f"The model '{model}' does not exist", code="model_not_found",
-                            param="model")
+            raise ModelNotFound(f"The model '{model}' does not exist")
         return Response.json(_model_entry(model, registry))
 
     async def list_nodes(request: Request) -> Response:
+        require_admin_if_set(request, admin_key)
         now = trio.current_time()
         nodes = [node.describe(now, registry.fleet_cap(node)) for node in registry.nodes.values()]
         return Response.json({"nodes": nodes})
 
     async def eligible_nodes(request: Request) -> Response:
+        require_admin_if_set(request, admin_key)
         model = model_param(request)
         now = trio.current_time()
         nodes = [
             node.describe(now, registry.fleet_cap(node)) for node in registry.serving(model)
-            if node.breaker.allows(now)
+            if blocked(node, now) is None
         ]
         return Response.json({"model": model, "nodes": nodes})
 

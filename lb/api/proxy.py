@@ -1,16 +1,26 @@
-"""`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: validate, plan, forward."""
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the OpenAI dialect's edge.
+
+It validates the request, turns it into a `RouteRequest` (the only place that reads the HTTP
+request for routing) and renders what dispatch raises: before the head went out the server
+answers the OpenAI error JSON; after it, one error event and `[DONE]` end the stream.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
+import re
 from typing import Any
 
 import orjson
+import trio
 
-from lb.http.errors import HTTPError
+from lb.errors import BadRequest, LBError
+from lb.http.errors import stream_error
 from lb.http.routes import Router
-from lb.http.types import Request, Response
-from lb.routing.dispatch import Dispatcher
+from lb.http.types import Headers, Request, Response, ResponseSink
+from lb.routing.dispatch import HOP_BY_HOP, Dispatcher
+from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind
 
 # path -> (kind, the field that must be present)
@@ -19,18 +29,23 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
     "/v1/completions": ("completion", "prompt"),
     "/v1/embeddings": ("embedding", "input"),
 }
+# Not sent on to the node: one hop's headers; lb says the body's type itself (it parsed it as
+# JSON); compressed answers could not be spliced; lb sends its own x-request-id.
+_NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id"}
+_JSON = (b"content-type", b"application/json")
+# A session id is hashed and may be logged: visible ASCII only.
+_SESSION_ID = re.compile(rb"[\x21-\x7e]{1,256}")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw:
-        raise HTTPError(400, "Request body is empty; expected a JSON object", code="invalid_json")
+        raise BadRequest("Request body is empty; expected a JSON object", code="invalid_json")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        message = f"Request body is not valid JSON: {exc}"
-        raise HTTPError(400, message, code="invalid_json") from None
+        raise BadRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise HTTPError(400, "Request body must be a JSON object", code="invalid_json")
+        raise BadRequest("Request body must be a JSON object", code="invalid_json")
     return body
 
 
@@ -38,38 +53,100 @@ def validate(body: dict[str, Any], kind: ModelKind, required: str) -> bool:
     """Check the fields lb itself relies on; returns whether the client asked to stream."""
     model = body.get("model")
     if model is None:
-        raise HTTPError(400, "Missing required parameter: 'model'", code="missing_parameter",
-                        param="model")
+        raise BadRequest("Missing required parameter: 'model'", code="missing_parameter",
+                         param="model")
     if not isinstance(model, str) or not model:
-        raise HTTPError(400, "'model' must be a non-empty string", code="invalid_type",
-                        param="model")
+        raise BadRequest("'model' must be a non-empty string", code="invalid_type",
+                         param="model")
     if body.get(required) is None:
-        raise HTTPError(400, f"Missing required parameter: '{required}'",
-                        code="missing_parameter", param=required)
+        raise BadRequest(f"Missing required parameter: '{required}'",
+                         code="missing_parameter", param=required)
     if kind == "chat" and not (isinstance(body["messages"], list) and body["messages"]):
-        raise HTTPError(400, "'messages' must be a non-empty array", code="invalid_type",
-                        param="messages")
+        raise BadRequest("'messages' must be a non-empty array", code="invalid_type",
+                         param="messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
-        raise HTTPError(400, "'stream' must be true or false", code="invalid_type", param="stream")
+        raise BadRequest("'stream' must be true or false", code="invalid_type", param="stream")
     if kind == "embedding" and stream:
-        raise HTTPError(400, "Embeddings cannot be streamed", code="invalid_value", param="stream")
+        raise BadRequest("Embeddings cannot be streamed", code="invalid_value", param="stream")
     return bool(stream)
+
+
+def route_request(
+    request: Request, kind: ModelKind, body: dict[str, Any], stream: bool
+) -> RouteRequest:
+    """The HTTP request as routing sees it."""
+    session = request.header(b"x-session-id")
+    if session is not None and _SESSION_ID.fullmatch(session) is None:
+        raise BadRequest(
+            "x-session-id must be 1 to 256 visible ASCII characters",
+            code="invalid_header", param="x-session-id",
+        )
+    forced = request.query_params().get("node") if request.query else None
+    return RouteRequest(
+        model=body["model"],
+        kind=kind,
+        stream=stream,
+        body=body,
+        raw=request.body,
+        request_id=request.request_id,
+        arrival=trio.current_time(),
+        budget=_budget(request),
+        session=session.decode("ascii") if session else None,
+        node=forced or None,
+        prefer_small=request.header(b"x-prefer-small") in (b"1", b"true"),
+        headers=node_headers(request),
+    )
+
+
+def node_headers(request: Request) -> Headers:
+    """The client's end-to-end headers, plus lb's content type and request id. Headers the
+    client's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1)."""
+    dropped = _NOT_TO_NODE
+    for key, value in request.headers:
+        if key == b"connection":
+            named = {token.strip().lower() for token in value.split(b",")}
+            dropped = dropped | named
+    headers = [_JSON, (b"x-request-id", request.request_id.encode())]
+    headers += [item for item in request.headers if item[0] not in dropped]
+    return headers
+
+
+def _budget(request: Request) -> float | None:
+    header = request.header(b"x-request-budget-ms")
+    if header is None:
+        return None
+    try:
+        millis = float(header)
+    except ValueError:
+        millis = math.nan
+    if not math.isfinite(millis) or millis < 0:
+        raise BadRequest(
+            "x-request-budget-ms must be a number of milliseconds >= 0",
+            code="invalid_header", param="x-request-budget-ms",
+        )
+    return millis / 1000
+
+
+async def answer(dispatcher: Dispatcher, intent: RouteRequest, sink: ResponseSink) -> None:
+    """Dispatch, and end a stream that broke after its head went out with the error event."""
+    try:
+        await dispatcher.execute(intent, sink)
+    except LBError as exc:
+        if not sink.committed:
+            raise  # the server answers the OpenAI error JSON
+        await sink.send(stream_error(exc))
 
 
 def add_routes(router: Router, dispatcher: Dispatcher) -> None:
     for path, (kind, required) in _ENDPOINTS.items():
 
         async def forward(
-            request: Request, path: str = path, kind: ModelKind = kind, required: str = required
+            request: Request, kind: ModelKind = kind, required: str = required
         ) -> Response:
             body = parse_body(request.body)
             stream = validate(body, kind, required)
-            plan = dispatcher.plan(
-                request, path=path, kind=kind, body=body, raw=request.body, stream=stream
-            )
-            response = Response()
-            response.stream = functools.partial(dispatcher.execute, plan, response)
-            return response
+            intent = route_request(request, kind, body, stream)
+            return Response(stream=functools.partial(answer, dispatcher, intent))
 
         router.add("POST", path, forward)

@@ -1,4 +1,4 @@
-"""A node's live state in this process: models, health, capacity, breaker, connection pool."""
+"""A node's live state in this process: models, health, capacity, breaker, upstream."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import trio
 
 from lb.cluster.breaker import CircuitBreaker
 from lb.config import NodeConfig, Settings
+from lb.upstream.base import Upstream
 from lb.upstream.client import ConnectionPool
 
 
@@ -21,7 +22,7 @@ class Node:
     config: NodeConfig
     limiter: trio.CapacityLimiter
     breaker: CircuitBreaker
-    pool: ConnectionPool
+    upstream: Upstream  # how requests reach the node (the h11 pool, or a fake in tests)
     models: tuple[str, ...] = ()
     healthy: bool = False
     requests: int = 0
@@ -35,13 +36,14 @@ class Node:
 
     @classmethod
     def create(
-        cls, config: NodeConfig, *, capacity: int, breaker_threshold: int, breaker_ttl: float
+        cls, config: NodeConfig, *, capacity: int, breaker_threshold: int, breaker_ttl: float,
+        upstream: Upstream | None = None,
     ) -> Node:
         return cls(
             config=config,
             limiter=trio.CapacityLimiter(_limiter_size(capacity)),
             breaker=CircuitBreaker(threshold=breaker_threshold, ttl=breaker_ttl),
-            pool=ConnectionPool(config.url),
+            upstream=upstream or ConnectionPool(config.url),
             maxconn=capacity,
         )
 

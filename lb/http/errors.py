@@ -1,12 +1,17 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status."""
+"""The OpenAI dialect of errors: an `LBError` becomes `{"error": {"message", "type", "param",
+"code"}}` with its status, or, inside a stream that already began, one `data: {"error": …}`
+event followed by `data: [DONE]`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
 
-from lb.http.types import JSON_HEADERS, Headers, Response
+from lb.errors import LBError, MethodNotAllowed
+from lb.http.sse import error_event
+from lb.http.types import JSON_HEADERS, Headers
 
 # The `type` OpenAI and its compatible servers use for each status.
 _TYPE_BY_STATUS = {
@@ -30,46 +35,33 @@ def error_type(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_payload(
-    message: str, *, status: int, code: str | None = None, param: str | None = None,
-    type: str | None = None,
-) -> dict[str, Any]:
+def error_payload(error: LBError) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
-            "type": type or error_type(status),
-            "param": param,
-            "code": code,
+            "message": error.message,
+            "type": error.type or error_type(error.status),
+            "param": error.param,
+            "code": error.code,
         }
     }
 
 
-class HTTPError(Exception):
-    """Raised anywhere under a handler; the server answers with the OpenAI error body."""
-
-    def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-        type: str | None = None, headers: Headers | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.type = type
-        self.headers = headers or []
-
-    def payload(self) -> dict[str, Any]:
-        return error_payload(
-            self.message, status=self.status, code=self.code, param=self.param, type=self.type
-        )
-
-    def response(self) -> Response:
-        return Response(self.status, [*JSON_HEADERS, *self.headers], orjson.dumps(self.payload()))
+def error_body(error: LBError) -> bytes:
+    return orjson.dumps(error_payload(error))
 
 
-def error_response(
-    status: int, message: str, *, code: str | None = None, param: str | None = None,
-    headers: Headers | None = None,
-) -> Response:
-    return HTTPError(status, message, code=code, param=param, headers=headers).response()
+def error_headers(error: LBError, body: bytes) -> Headers:
+    """The head of an error answer (content-length included)."""
+    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    if error.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()))
+    if isinstance(error, MethodNotAllowed):
+        headers.append((b"allow", ", ".join(error.allowed).encode()))
+    elif error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    return headers
+
+
+def stream_error(error: LBError) -> bytes:
+    """The error event (and `[DONE]`) for a stream whose head already went out."""
+    return error_event(error_payload(error))

@@ -6,7 +6,7 @@ from urllib.parse import unquote
 
 import attrs
 
-from lb.http.errors import HTTPError
+from lb.errors import MethodNotAllowed, NotFound
 from lb.http.types import Handler, Request, Response
 
 
@@ -40,16 +40,15 @@ class Router:
     async def __call__(self, request: Request) -> Response:
         found = self._match(request.path)
         if found is None:
-            raise HTTPError(404, f"Unknown path: {request.path}", code="not_found")
+            raise NotFound(f"Unknown path: {request.path}")
         methods, params = found
         handler = methods.get(request.method)
         if handler is None and request.method == "HEAD":
             handler = methods.get("GET")
         if handler is None:
-            allow = ", ".join(sorted(methods)).encode()
-            raise HTTPError(
-                405, f"Method {request.method} is not allowed on {request.path}",
-                code="method_not_allowed", headers=[(b"allow", allow)],
+            raise MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.path}",
+                allowed=sorted(methods),
             )
         request.path_params = params
         return await handler(request)

@@ -24,10 +24,13 @@ h11 parser or tasks of its own; `HTTPServer.rejected_connections` counts them. F
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import re
 import resource
 import select
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,8 +39,9 @@ import h11
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule, wait_task_rescheduled
 
-from lb.http.errors import HTTPError, error_response
-from lb.http.types import Handler, Request, Response
+from lb.errors import BadRequest, InternalError, LBError, PayloadTooLarge, RequestTimeout
+from lb.http.errors import error_body, error_headers
+from lb.http.types import ClientGone, Handler, Headers, Request
 
 log = logging.getLogger("lb.http")
 
@@ -49,6 +53,8 @@ LINGER_SECS = 1.0
 # Connections turned away over max_connections linger (to deliver their 503 intact) only while
 # fewer than this many do; past it they are closed at once, so a flood cannot use up the fds.
 MAX_LINGERING_REJECTS = 64
+# A client's x-request-id is echoed on the answer and written to logs: visible ASCII only.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 @attrs.frozen
@@ -77,11 +83,14 @@ class _Connection:
     stream: trio.SocketStream
     h11: h11.Connection
     client: str
+    send_timeout: float
     # Set by the keep-alive loop while a handler runs or its response is sent: the reader
     # cancels the connection if the client goes away then.
     in_request: bool = False
     eof: bool = False  # the reader saw EOF or a reset (h11 has been told)
     linger: bool = False  # an error answer went out: linger before closing
+    broken: bool = False  # a write was cut off: never write again
+    fd: int = attrs.field(init=False)
     idle_scope: trio.CancelScope | None = None  # waiting for a request: drain cancels this
     _waiter: Task | None = None  # the keep-alive loop, waiting for the reader
     # The reader, waiting for the buffer to drain: parked (a Task), or watching for a hang-up
@@ -89,11 +98,42 @@ class _Connection:
     _paused: Task | trio.CancelScope | None = None
     _unchecked: int = 0  # bytes fed to h11 since its buffer was last measured
 
+    def __attrs_post_init__(self) -> None:
+        self.fd = self.stream.socket.fileno()
+
     async def send(self, *events: Any) -> None:
         send = self.h11.send
         data = b"".join([send(event) or b"" for event in events if event is not None])
         if data:  # the end of a Content-Length body is b"": no need for a trip to the scheduler
-            await self.stream.send_all(data)
+            await self.write(data)
+
+    async def write(self, data: bytes) -> None:
+        """Write to the client: straight to the socket when it takes everything (the common
+        case costs one syscall and no cancel scope); else wait for it, but no longer than
+        send_timeout. A write that was cut off leaves the connection `broken`: no byte may
+        follow half a chunk, so nothing more is written and the connection is closed."""
+        if self.broken:
+            raise ClientGone("an earlier write to this client was cut off")
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.broken = True
+            raise ClientGone(f"writing to the client failed: {exc.strerror}") from None
+        if sent < len(data):
+            await self._write_slowly(memoryview(data)[sent:])
+
+    async def _write_slowly(self, rest: memoryview) -> None:
+        self.broken = True  # until every byte is out (a cancel may cut this write short)
+        with trio.move_on_after(self.send_timeout) as scope:
+            try:
+                await self.stream.send_all(rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ClientGone("the client went away during a write") from None
+        if scope.cancelled_caught:
+            raise ClientGone(f"the client read nothing for {self.send_timeout:g}s")
+        self.broken = False
 
     def poll(self) -> Any:
         """h11's next event, or NEED_DATA; lets a paused reader go on when it may."""
@@ -239,6 +279,12 @@ class HTTPServer:
         self._connections_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
         self._listeners: list[trio.SocketListener] = []
+        # Request ids: a random prefix per process and a counter (no syscall per request).
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count(1)
+
+    def new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):08x}"
 
     async def serve_tcp(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -338,14 +384,14 @@ class HTTPServer:
         except OSError:
             client = "?"
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-        conn = _Connection(stream, parser, client)
+        conn = _Connection(stream, parser, client, self.limits.send_timeout)
         self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.read_loop, nursery.cancel_scope)
                 # The client going away is routine.
                 with contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone
+                    trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone, ClientGone
                 ):
                     await self._keepalive_loop(conn)
                 nursery.cancel_scope.cancel()  # the reader
@@ -397,7 +443,7 @@ class HTTPServer:
                     if idle.cancelled_caught:
                         if first and not self.draining:
                             await self._send_error(
-                                conn, 408, "Timed out waiting for the request", "request_timeout"
+                                conn, RequestTimeout("Timed out waiting for the request")
                             )
                         return None
                     if not first:
@@ -410,7 +456,7 @@ class HTTPServer:
             return await self._read_body(conn, event)
         except _Timeout as exc:
             message = str(exc) or "Timed out reading the request"
-            await self._send_error(conn, 408, message, "request_timeout", head_only)
+            await self._send_error(conn, RequestTimeout(message), head_only)
             return None
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
@@ -418,10 +464,13 @@ class HTTPServer:
                 message = _header_too_large(limits.max_header_bytes)
             else:
                 message = f"Malformed request: {exc}"
-            await self._send_error(conn, status, message, None, head_only)
+            code = "request_header_fields_too_large" if status == 431 else "malformed_request"
+            await self._send_error(
+                conn, LBError(message, status=status, code=code), head_only
+            )
             return None
-        except HTTPError as exc:
-            await self._send_error(conn, exc.status, exc.message, exc.code, head_only)
+        except LBError as exc:
+            await self._send_error(conn, exc, head_only)
             return None
 
     async def _read_body(self, conn: _Connection, head: h11.Request) -> Request:
@@ -429,7 +478,7 @@ class HTTPServer:
         headers = list(head.headers)
         length = _check_head(head, headers, self.limits.max_header_bytes)
         if length is not None and length > max_body:
-            raise HTTPError(413, _too_large(max_body), code="request_too_large")
+            raise PayloadTooLarge(_too_large(max_body))
         if conn.h11.they_are_waiting_for_100_continue:
             await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
         chunks: list[bytes] = []
@@ -455,7 +504,7 @@ class HTTPServer:
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > max_body:
-                    raise HTTPError(413, _too_large(max_body), code="request_too_large")
+                    raise PayloadTooLarge(_too_large(max_body))
                 chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 break
@@ -480,7 +529,9 @@ class HTTPServer:
             raise _ClientGone  # it left (or half-closed) before its request was handled
         conn.in_request = True
         try:
-            await self._run_handler(conn, request)
+            await self._run_handler(_Sink(self, conn, request.method == "HEAD"), request)
+        except ClientGone:
+            return False  # nothing more can be written: close
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _ClientGone from None
         except Exception:
@@ -493,101 +544,141 @@ class HTTPServer:
             conn.in_request = False
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
-    async def _run_handler(self, conn: _Connection, request: Request) -> None:
+    async def _run_handler(self, sink: _Sink, request: Request) -> None:
+        """The handler's answer through the sink; an LBError before the head went out becomes
+        the OpenAI error answer (with lb's headers)."""
+        body = b""
         try:
+            request.request_id = self._request_id(request)
+            sink.tag(b"x-request-id", request.request_id.encode())
             response = await self.handler(request)
-        except HTTPError as exc:
-            response = exc.response()
-        except Exception:
-            log.exception("handler failed for %s %s", request.method, request.path)
-            response = error_response(500, "Internal error in lb", code="internal_error")
-        await self._send_response(conn, request, response)
-
-    async def _send_response(self, conn: _Connection, request: Request, response: Response) -> None:
-        head_only = request.method == "HEAD"
-        if response.stream is None:
-            # HEAD gets the length a GET would have (h11 sends no body for HEAD).
-            length = (b"content-length", str(len(response.body)).encode())
-            if self.draining:
-                headers = [*response.headers, length, (b"connection", b"close")]
+            if response.stream is None:
+                body = response.body
+                sink.head(response.status, [*response.headers, _content_length(body)])
             else:
-                headers = [*response.headers, length]
-            await conn.send(
-                h11.Response(status_code=response.status, headers=headers),
-                h11.Data(data=response.body) if response.body and not head_only else None,
-                h11.EndOfMessage(),
-            )
-            return
-        if head_only:
-            headers = response.headers
-            if self.draining:
-                headers = [*headers, (b"connection", b"close")]
-            await conn.send(
-                h11.Response(status_code=response.status, headers=headers), h11.EndOfMessage()
-            )
-            return
-        # The head goes out with the first body bytes, so until then the writer may still set
-        # the status and headers, or raise HTTPError for an ordinary error response.
-        started = False
-
-        async def send(data: bytes) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                head = response.headers
-                if self.draining:
-                    head = [*head, (b"connection", b"close")]
-                await conn.send(
-                    h11.Response(status_code=response.status, headers=head),
-                    h11.Data(data=data) if data else None,
-                )
-            elif data:
-                await conn.stream.send_all(conn.h11.send(h11.Data(data=data)))
-
-        try:
-            await response.stream(send)
-        except HTTPError as exc:
-            if started:
+                sink.head(response.status, response.headers)
+                await response.stream(sink)
+        except LBError as exc:
+            if sink.committed:
                 raise
-            error = exc.response()
-            await self._send_response(conn, request, error)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise  # the connection is gone (or a writer drops it on purpose): no answer
+            body = error_body(exc)
+            sink.head(exc.status, error_headers(exc, body))
+        except ClientGone:
+            raise
         except Exception:
-            if started:
+            if sink.committed:
                 raise
-            log.exception("stream writer failed for %s %s", request.method, request.path)
-            error = error_response(500, "Internal error in lb", code="internal_error")
-            await self._send_response(conn, request, error)
-            return
-        if not started:
-            await send(b"")
-        await conn.send(h11.EndOfMessage())
+            log.exception("handler failed for %s %s", request.method, request.path)
+            error = InternalError("Internal error in lb")
+            body = error_body(error)
+            sink.head(error.status, error_headers(error, body))
+        await sink.end(body)
+
+    def _request_id(self, request: Request) -> str:
+        """The client's x-request-id if it is safe to echo and log, else a new one; a bad one is
+        refused (400), never reflected."""
+        value = request.header(b"x-request-id")
+        if value is None:
+            return self.new_request_id()
+        if _REQUEST_ID.fullmatch(value) is None:
+            raise BadRequest(
+                "x-request-id must be 1 to 128 visible ASCII characters",
+                code="invalid_header", param="x-request-id",
+            )
+        return value.decode("ascii")
 
     async def _send_error(
-        self, conn: _Connection, status: int, message: str, code: str | None = None,
-        head_only: bool = False,
+        self, conn: _Connection, error: LBError, head_only: bool = False
     ) -> None:
         """Answer an error on a connection that is about to close, if h11 still allows it; the
         connection then lingers before it closes."""
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        response = error_response(status, message, code=code)
+        body = error_body(error)
         headers = [
-            *response.headers,
-            (b"content-length", str(len(response.body)).encode()),
+            *error_headers(error, body),
+            (b"x-request-id", self.new_request_id().encode()),
             (b"connection", b"close"),
         ]
         try:
             await conn.send(
-                h11.Response(status_code=status, headers=headers),
-                None if head_only else h11.Data(data=response.body),
+                h11.Response(status_code=error.status, headers=headers),
+                None if head_only else h11.Data(data=body),
                 h11.EndOfMessage(),
             )
             conn.linger = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        except (ClientGone, h11.LocalProtocolError):
             pass
+
+
+class _Sink:
+    """The server's ResponseSink for one request (see lb.http.types.ResponseSink)."""
+
+    __slots__ = ("_conn", "_head_only", "_headers", "_server", "_status", "_tags", "committed")
+
+    def __init__(self, server: HTTPServer, conn: _Connection, head_only: bool) -> None:
+        self._server = server
+        self._conn = conn
+        self._head_only = head_only  # HEAD: the head of a GET, and no body (h11 sends none)
+        self._status = 200
+        self._headers: Headers = []
+        self._tags: Headers = []
+        self.committed = False
+
+    def head(self, status: int, headers: Headers) -> None:
+        if self.committed:
+            raise RuntimeError("the response head already went out")
+        self._status = status
+        self._headers = headers
+
+    def tag(self, name: bytes, value: bytes) -> None:
+        tags = self._tags
+        for index, (key, _) in enumerate(tags):
+            if key == name:
+                tags[index] = (name, value)
+                return
+        tags.append((name, value))
+
+    async def send(self, data: bytes) -> None:
+        parser = self._conn.h11
+        if not self.committed:
+            out = parser.send(h11.Response(status_code=self._status, headers=self._head()))
+            self.committed = True
+            if data and not self._head_only:
+                out += parser.send(h11.Data(data=data))
+        elif data and not self._head_only:
+            out = parser.send(h11.Data(data=data))
+        else:
+            return
+        await self._conn.write(out)
+
+    async def end(self, data: bytes = b"") -> None:
+        """The last bytes of the body and the end of the message, in one write."""
+        parser = self._conn.h11
+        out = b""
+        if not self.committed:
+            out = parser.send(h11.Response(status_code=self._status, headers=self._head()))
+            self.committed = True
+        if data and not self._head_only:
+            out += parser.send(h11.Data(data=data))
+        out += parser.send(h11.EndOfMessage()) or b""
+        if out:
+            await self._conn.write(out)
+
+    def _head(self) -> Headers:
+        """The recorded headers without any lb sets itself, then lb's; while draining, the
+        connection closes after this answer."""
+        tags = self._tags
+        names = [key for key, _ in tags]
+        headers = [item for item in self._headers if item[0] not in names]
+        headers += tags
+        if self._server.draining:
+            headers.append((b"connection", b"close"))
+        return headers
+
+
+def _content_length(body: bytes) -> tuple[bytes, bytes]:
+    return (b"content-length", str(len(body)).encode())
 
 
 async def _linger(stream: trio.SocketStream) -> None:
@@ -617,10 +708,16 @@ def _check_head(
         elif name == b"transfer-encoding":
             chunked = True
     if size > max_header_bytes:
-        raise HTTPError(431, _header_too_large(max_header_bytes))
+        raise LBError(
+            _header_too_large(max_header_bytes), status=431,
+            code="request_header_fields_too_large",
+        )
     if chunked and length is not None:
         # h11 would go by Transfer-Encoding; such requests are a smuggling vector (RFC 9112 6.1).
-        raise HTTPError(400, "Malformed request: both Content-Length and Transfer-Encoding")
+        raise BadRequest(
+            "Malformed request: both Content-Length and Transfer-Encoding",
+            code="malformed_request",
+        )
     return length
 
 
@@ -640,19 +737,14 @@ def connection_limit(max_connections: int) -> int:
 
 def _too_many_connections(limit: int) -> bytes:
     """The whole 503 answer to a connection over the limit, built once per server."""
-    response = error_response(
-        503,
+    error = LBError(
         f"lb is serving as many client connections as it may ({limit}); retry shortly",
-        code="too_many_connections",
-        headers=[(b"retry-after", b"1")],
+        status=503, code="too_many_connections", retry_after=1,
     )
-    headers = [
-        *response.headers,
-        (b"content-length", str(len(response.body)).encode()),
-        (b"connection", b"close"),
-    ]
+    body = error_body(error)
+    headers = [*error_headers(error, body), (b"connection", b"close")]
     lines = [name + b": " + value for name, value in headers]
-    return b"\r\n".join([b"HTTP/1.1 503 Service Unavailable", *lines, b"", response.body])
+    return b"\r\n".join([b"HTTP/1.1 503 Service Unavailable", *lines, b"", body])
 
 
 def _body_too_slow(limit: float) -> str:

@@ -1,21 +1,25 @@
-"""The request lifecycle: one deadline, a capacity slot, attempts with honest failover, and the
-answer streamed through untouched.
+"""The request lifecycle: one deadline, a capacity slot, attempts with honest verdicts and
+failover, and the answer streamed through untouched.
 
-`Dispatcher.plan` is synchronous and cheap: it resolves the model and orders the eligible nodes
-(errors here are ordinary HTTP errors). `Dispatcher.execute` is the response writer: the server
-sends the response head only at its first `send`, so until the first byte reaches the client
-every failure can still go to another node or become a clean error status. After that, a
-failure becomes one `data: {"error": …}` event and `data: [DONE]`.
+`Dispatcher.plan` is synchronous and cheap: it resolves the model and orders the eligible nodes.
+`Dispatcher.execute` writes the answer to a `ResponseSink`, whose head goes out only with the
+first byte: until then every failure can still go to another node or become a clean error
+(raised as an `LBError`; the client's dialect renders it). After that, a failure is raised as
+`UpstreamStreamError` / `DeadlineExceeded` with the sink committed, and the dialect ends the
+stream with its error event.
+
+Each attempt ends with one `Outcome`, and only `FAILURE` counts against the node: a client that
+leaves or stops reading, lb's own limits, the request's deadline and a node's 429 say nothing
+about the node's health.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
-import math
 import random
-import uuid
-from collections.abc import Sequence
+import re
 
 import attrs
 import orjson
@@ -24,35 +28,67 @@ import trio
 from lb.cluster.node import Node
 from lb.cluster.registry import Registry
 from lb.config import Settings
-from lb.http.errors import HTTPError, error_payload
-from lb.http.sse import error_event
-from lb.http.types import Headers, Request, Response, SendBody
+from lb.errors import (
+    AllUpstreamsFailed,
+    AttemptFailure,
+    CapacityExceeded,
+    DeadlineExceeded,
+    LocalResourcesExhausted,
+    NodeNotFound,
+    NoHealthyNode,
+    RateLimited,
+    UpstreamStreamError,
+)
+from lb.http.sse import EventSplitter
+from lb.http.types import ClientGone, Headers, ResponseSink
 from lb.routing import strategies
-from lb.routing.resolve import ModelKind, ModelNotFound, resolve_model
-from lb.upstream.client import UpstreamError, UpstreamResponse
+from lb.routing.eligibility import blocked
+from lb.routing.intent import RouteRequest
+from lb.routing.resolve import ModelKind, resolve_model
+from lb.upstream.base import UpstreamResponse
+from lb.upstream.client import (
+    BodyTooLarge,
+    ConnectError,
+    LocalResourceError,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 
 log = logging.getLogger("lb.dispatch")
 
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024
-# An SSE event split across reads is held back until complete (so an error event can never be
-# glued onto half an event); a "line" longer than this is passed on as it is.
-MAX_PARTIAL_EVENT = 1024 * 1024
-RETRY_AFTER_SECS = b"1"
+# How much of a node's error answer is read to quote its own words to the client.
+MAX_ERROR_QUOTE = 200
+CAPACITY_RETRY_AFTER = 1.0
 
-# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those lb sets itself.
-_HOP_BY_HOP = frozenset(
+# The OpenAI dialect's path for each kind of request (the Dialect seam takes this over).
+PATHS: dict[ModelKind, str] = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
         b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
         b"host", b"content-length", b"expect",
     }
 )
-# lb parsed the body as JSON and says so itself; compressed answers could not be spliced.
-_NOT_TO_NODE = _HOP_BY_HOP | {b"accept-encoding", b"content-type"}
-_JSON = (b"content-type", b"application/json")
+_DONE_TAIL = re.compile(rb"data: *\[DONE\]\s*$")
+_JSON_START = re.compile(rb"\s*[\[{]")
 
 
-@attrs.define(slots=True)
+class Outcome(enum.Enum):
+    SUCCESS = "success"  # the node answered (a 4xx is the request's fault, not the node's)
+    FAILURE = "failure"  # the node's own fault: counted against it, feeds its breaker
+    BUSY = "busy"  # the node said 429: try elsewhere, no verdict on its health
+    NO_VERDICT = "no_verdict"  # ended by the client, lb or the deadline: nothing learnt
+
+
+@attrs.frozen(slots=True)
 class Plan:
     """What one proxied request will do."""
 
@@ -60,7 +96,7 @@ class Plan:
     body: bytes
     model: str
     stream: bool
-    candidates: list[Node]  # in preference order
+    candidates: tuple[Node, ...]  # in preference order
     deadline: float
     budget: float  # seconds from arrival to the deadline
     request_id: str
@@ -76,175 +112,158 @@ class Dispatcher:
         self.sentinels = settings.sentinels
         self._counter = itertools.count()
         self._rng = rng or random.Random()
-        # Request ids: a random prefix per process and a counter (no syscall per request).
-        self._id_prefix = uuid.uuid4().hex[:12]
-        self._ids = itertools.count(1)
 
-    def _new_request_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):08x}"
-
-    # --- planning (no I/O) ---
-
-    def resolve(self, requested: str, kind: ModelKind, prefer_small: bool = False) -> str:
-        try:
-            return resolve_model(
-                requested, self.registry.model_counts(), kind=kind, sentinels=self.sentinels,
-                preferred=self.registry.prefs.preferred_models, prefer_small=prefer_small,
-            )
-        except ModelNotFound as exc:
-            raise HTTPError(404, str(exc), code="model_not_found", param="model") from None
-
-    def order(self, nodes: Sequence[Node], session: str | None) -> list[Node]:
-        if len(nodes) <= 1:
-            return list(nodes)
-        if session:
-            return strategies.rendezvous(nodes, session)
-        if self.strategy is strategies.Strategy.ROUND_ROBIN:
-            return strategies.round_robin(nodes, next(self._counter))
-        if self.strategy is strategies.Strategy.RANDOM:
-            return strategies.random_order(nodes, self._rng)
-        return strategies.least_loaded(nodes, next(self._counter))
-
-    def plan(
-        self, request: Request, *, path: str, kind: ModelKind, body: dict[str, object],
-        raw: bytes, stream: bool,
-    ) -> Plan:
-        arrival = trio.current_time()
-        requested = body["model"]
-        assert isinstance(requested, str)
-        model = self.resolve(requested, kind, request.header(b"x-prefer-small") in (b"1", b"true"))
-        if model != requested:
-            body["model"] = model
-            raw = orjson.dumps(body)
-        budget = self._budget(request)
+    def plan(self, intent: RouteRequest) -> Plan:
+        """Resolve the model and order the nodes that may take the request (no I/O)."""
+        model = resolve_model(
+            intent.model, self.registry.model_counts(), kind=intent.kind,
+            sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
+            prefer_small=intent.prefer_small,
+        )
+        raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
+        budget = self.settings.request_timeout
+        if intent.budget is not None:
+            budget = min(budget, intent.budget)
         nodes = self.registry.serving(model)
-        forced = request.query_params().get("node") if request.query else None
-        if forced:
-            nodes = [node for node in nodes if node.key == forced]
+        if intent.node:
+            nodes = [node for node in nodes if node.key == intent.node]
             if not nodes:
-                raise HTTPError(
-                    404, f"Node {forced} does not serve model {model} (or is down)",
-                    code="node_not_found", param="node",
-                )
+                raise NodeNotFound(f"Node {intent.node} does not serve model {model} (or is down)")
         now = trio.current_time()
-        open_nodes = [node for node in nodes if node.breaker.allows(now)]
+        open_nodes = [node for node in nodes if blocked(node, now) is None]
         if not open_nodes:
-            raise HTTPError(
-                503, f"No healthy node serves model {model} right now", code="no_healthy_node"
-            )
-        session = request.header(b"x-session-id")
-        request_id = request.header(b"x-request-id")
+            raise NoHealthyNode(f"No healthy node serves model {model} right now")
+        candidates = strategies.order(
+            self.strategy, open_nodes, counter=next(self._counter), rng=self._rng,
+            session=intent.session,
+        )
         return Plan(
-            path=path,
+            path=PATHS[intent.kind],
             body=raw,
             model=model,
-            stream=stream,
-            candidates=self.order(open_nodes, session.decode("latin-1") if session else None),
-            deadline=arrival + budget,
+            stream=intent.stream,
+            candidates=tuple(candidates),
+            deadline=intent.arrival + budget,
             budget=budget,
-            request_id=request_id.decode("latin-1") if request_id else self._new_request_id(),
-            headers=[_JSON, *(item for item in request.headers if item[0] not in _NOT_TO_NODE)],
-            max_attempts=1 if forced else 1 + self.settings.max_retries,
+            request_id=intent.request_id,
+            headers=intent.headers,
+            max_attempts=1 if intent.node else 1 + self.settings.max_retries,
         )
 
-    def _budget(self, request: Request) -> float:
-        budget = self.settings.request_timeout
-        header = request.header(b"x-request-budget-ms")
-        if header is not None:
+    async def execute(self, intent: RouteRequest, sink: ResponseSink) -> None:
+        """Answer `intent` through `sink` (see the module docstring for what is raised)."""
+        plan = self.plan(intent)
+        sink.tag(b"x-selected-model", plan.model.encode())
+        run = _Run(self, plan, sink)
+        with trio.move_on_at(plan.deadline):
             try:
-                millis = float(header)
-            except ValueError:
-                millis = math.nan
-            if not math.isfinite(millis) or millis < 0:
-                raise HTTPError(
-                    400, "x-request-budget-ms must be a number of milliseconds >= 0",
-                    code="invalid_header", param="x-request-budget-ms",
-                )
-            budget = min(budget, millis / 1000)
-        return budget
-
-    # --- execution (the response writer) ---
-
-    async def execute(self, plan: Plan, response: Response, send: SendBody) -> None:
-        attempt = _Attempts(self, plan, response, send)
-        try:
-            with trio.move_on_at(plan.deadline):
-                await attempt.run()
+                await run.run()
                 return
-        except _DeadlineExceeded:
-            pass
-        message = f"Request deadline of {plan.budget:g}s passed after {attempt.count} attempt(s)"
-        if attempt.started:
-            await send(error_event(error_payload(message, status=504, code="deadline_exceeded")))
-            return
-        raise HTTPError(504, message, code="deadline_exceeded", headers=attempt.meta_headers())
+            except _DeadlinePassed:
+                pass
+        raise DeadlineExceeded(
+            f"Request deadline of {plan.budget:g}s passed after {run.count} attempt(s)"
+        )
 
 
-class _NodeFailed(Exception):
+class _AttemptFailed(Exception):
     """This attempt failed before anything reached the client; another node may try."""
 
+    def __init__(self, reason: str, *, retry_same: bool = False, busy_for: float = 0.0):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_same = retry_same  # a reason to try this node again (it never got the request)
+        self.busy_for = busy_for  # a 429's Retry-After, in seconds
 
-class _DeadlineExceeded(Exception):
+
+class _DeadlinePassed(Exception):
     """The request's deadline passed during an attempt."""
 
 
-@attrs.define(slots=True)
-class _Attempts:
+@attrs.frozen(slots=True)
+class _Answer:
+    """A node's whole (non-stream) answer, to send once the node's slot is free again."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@attrs.define(slots=True, eq=False)
+class _Run:
+    """One request's attempts."""
+
     dispatcher: Dispatcher
     plan: Plan
-    response: Response
-    send: SendBody
+    sink: ResponseSink
     count: int = 0
-    started: bool = False
-    node: Node | None = None
-    failures: list[str] = attrs.field(factory=list)
-
-    def meta_headers(self) -> Headers:
-        headers = [
-            (b"x-selected-model", self.plan.model.encode()),
-            (b"x-request-id", self.plan.request_id.encode("latin-1")),
-            (b"x-attempts", str(self.count).encode()),
-        ]
-        if self.node is not None:
-            headers.append((b"x-routed-node", self.node.key.encode()))
-        return headers
+    failures: list[AttemptFailure] = attrs.field(factory=list)
+    failed: set[str] = attrs.field(factory=set)  # nodes charged a failure (once per request)
+    retry_same: set[str] = attrs.field(factory=set)  # failed nodes that may be tried again
+    busy_for: list[float] = attrs.field(factory=list)  # the 429s' Retry-After
+    writing: bool = False  # a write to the client is under way: a cut here is the client's
 
     async def run(self) -> None:
         tried: set[str] = set()
+        registry = self.dispatcher.registry
+        sink = self.sink
         while self.count < self.plan.max_attempts:
             node, token = await self._acquire(tried)
             self.count += 1
-            self.node = node
             tried.add(node.key)
+            sink.tag(b"x-attempts", str(self.count).encode())
+            sink.tag(b"x-routed-node", node.key.encode())
             try:
-                await self._try(node)
-                return
-            except _NodeFailed as exc:
-                self.failures.append(f"{node.key}: {exc}")
+                answer = await self._attempt(node)
+            except _AttemptFailed as exc:
+                self.failures.append(AttemptFailure(node.key, exc.reason))
+                if exc.retry_same:
+                    self.retry_same.add(node.key)
+                else:
+                    self.retry_same.discard(node.key)
+                if exc.busy_for:
+                    self.busy_for.append(exc.busy_for)
+                continue
             finally:
-                self.dispatcher.registry.release(node, token)
-        listing = "; ".join(self.failures)
-        raise HTTPError(
-            502, f"All {self.count} attempt(s) failed: {listing}",
-            code="all_upstreams_failed", headers=self.meta_headers(),
-        )
+                registry.release(node, token)
+            if answer is not None:  # written after the slot is freed: a slow client holds none
+                sink.head(answer.status, answer.headers)
+                self.writing = True
+                await sink.send(answer.body)
+                self.writing = False
+            return
+        self._give_up()
+
+    def _give_up(self) -> None:
+        model = self.plan.model
+        if not self.failures:
+            raise NoHealthyNode(f"No healthy node serves model {model} right now")
+        if len(self.busy_for) == len(self.failures):  # every node asked said 429
+            raise RateLimited(
+                f"Every node serving {model} is rate limiting requests; retry later",
+                retry_after=min(self.busy_for),
+            )
+        raise AllUpstreamsFailed(self.failures)
 
     async def _acquire(self, tried: set[str]) -> tuple[Node, object]:
-        """A slot on the best node not tried yet (or tried, if none is left), waiting for one
-        up to QUEUE_TIMEOUT_SECS when all are full. Waiting is never a node's failure."""
-        settings = self.dispatcher.settings
+        """A slot on the best node not tried yet (or on one that may be tried again), waiting
+        for one up to QUEUE_TIMEOUT_SECS when all are full. Waiting is never a node's failure."""
         candidates = self.plan.candidates
-        fresh = [node for node in candidates if node.key not in tried]
-        ordered = fresh + [node for node in candidates if node.key in tried] if tried else fresh
-        queue_deadline = trio.current_time() + settings.queue_timeout
+        ordered = [node for node in candidates if node.key not in tried]
+        if self.retry_same:
+            ordered += [node for node in candidates if node.key in self.retry_same]
+        if not ordered:
+            self._give_up()
+        registry = self.dispatcher.registry
+        queue_deadline = trio.current_time() + self.dispatcher.settings.queue_timeout
         while True:
             now = trio.current_time()
             token = object()
-            any_allowed = False
+            any_open = False
             for node in ordered:
-                if not node.healthy or not node.breaker.allows(now):
+                if blocked(node, now) is not None:
                     continue
-                any_allowed = True
+                any_open = True
                 try:
                     node.limiter.acquire_on_behalf_of_nowait(token)
                 except trio.WouldBlock:
@@ -252,128 +271,238 @@ class _Attempts:
                 if node.breaker.acquire(now):
                     return node, token
                 node.limiter.release_on_behalf_of(token)
-            if not any_allowed:
-                if self.failures:
-                    raise HTTPError(
-                        502, f"All {self.count} attempt(s) failed: {'; '.join(self.failures)}",
-                        code="all_upstreams_failed", headers=self.meta_headers(),
-                    )
-                raise HTTPError(
-                    503, f"No healthy node serves model {self.plan.model} right now",
-                    code="no_healthy_node", headers=self.meta_headers(),
-                )
+            if not any_open:
+                self._give_up()
             with trio.move_on_at(queue_deadline):
-                await self.dispatcher.registry.slot_freed.park()
+                await registry.slot_freed.park()
                 continue
-            raise HTTPError(
-                429,
+            raise CapacityExceeded(
                 f"Every node serving {self.plan.model} is at capacity; retry shortly",
-                code="capacity_exceeded",
-                headers=[(b"retry-after", RETRY_AFTER_SECS), *self.meta_headers()],
+                retry_after=CAPACITY_RETRY_AFTER,
             )
 
-    async def _try(self, node: Node) -> None:
+    async def _attempt(self, node: Node) -> _Answer | None:
+        """Try `node`: its whole answer to send (non-stream), or None once a stream was
+        forwarded. Raises _AttemptFailed (try elsewhere), _DeadlinePassed, ClientGone, or an
+        LBError with the sink committed (the stream broke)."""
         settings = self.dispatcher.settings
         plan = self.plan
+        outcome = Outcome.NO_VERDICT
+        reason = ""
         node.requests += 1
-        verdict: bool | None = None
-        try:
-            with trio.move_on_at(
-                min(plan.deadline, trio.current_time() + settings.attempt_timeout)
-            ) as scope:
-                async with node.pool.request("POST", plan.path, plan.headers, plan.body) as up:
-                    if up.status >= 500:
-                        verdict = False
-                        raise _NodeFailed(f"HTTP {up.status}")
-                    if up.status == 429:  # busy, not broken: try elsewhere, breaker untouched
-                        raise _NodeFailed("HTTP 429")
-                    verdict = True  # a 4xx is the request's fault, not the node's
-                    headers = [*_end_to_end(up.headers), *self.meta_headers()]
-                    is_sse = any(
-                        k == b"content-type" and v.startswith(b"text/event-stream")
-                        for k, v in up.headers
-                    )
-                    if not is_sse:
-                        scope.deadline = plan.deadline
-                        body = await up.read(MAX_UPSTREAM_BODY)
-                        self.response.status = up.status
-                        self.response.headers = [
-                            *headers, (b"content-length", str(len(body)).encode())
-                        ]
-                        self.started = True
-                        await self.send(body)
-                        return
-                    self.response.status = up.status
-                    self.response.headers = headers
-                    await self._pump(up, scope)
-            if scope.cancelled_caught:
-                if trio.current_time() >= plan.deadline:
-                    raise _DeadlineExceeded
-                verdict = False
-                what = "stream went idle" if self.started else "no response in time"
-                if self.started:
-                    await self.send(_stream_error(f"Node {node.key}: {what}"))
-                    return
-                raise _NodeFailed(what)
-        except UpstreamError as exc:
-            verdict = False
-            if self.started:
-                await self.send(_stream_error(f"Node {node.key} failed mid-stream: {exc}"))
-                return
-            raise _NodeFailed(str(exc) or type(exc).__name__) from None
-        finally:
-            self._record(node, verdict)
+        scope = trio.CancelScope(
+            deadline=min(plan.deadline, trio.current_time() + settings.attempt_timeout)
+        )
 
-    async def _pump(self, up: UpstreamResponse, scope: trio.CancelScope) -> None:
-        """Forward SSE bytes as they arrive, whole events at a time."""
+        def sent() -> None:
+            # A non-stream answer's head comes only after the whole generation: from here on
+            # only the request's deadline bounds it.
+            scope.deadline = plan.deadline
+
+        try:
+            with scope:
+                try:
+                    async with node.upstream.request(
+                        "POST", plan.path, plan.headers, plan.body,
+                        on_sent=None if plan.stream else sent,
+                    ) as up:
+                        outcome, reason, answer = await self._handle(node, up, scope)
+                        if outcome is Outcome.SUCCESS:
+                            return answer
+                        if self.sink.committed:
+                            raise UpstreamStreamError(f"Node {node.key} {reason}")
+                        raise _AttemptFailed(reason, busy_for=self._busy_for(up, outcome))
+                except LocalResourceError as exc:
+                    log.error("request %s: lb cannot open a connection: %s", plan.request_id, exc)
+                    raise LocalResourcesExhausted(
+                        "lb is out of file descriptors or memory; retry shortly",
+                        retry_after=CAPACITY_RETRY_AFTER,
+                    ) from None
+                except UpstreamError as exc:
+                    outcome, reason = Outcome.FAILURE, _describe(exc, self.sink.committed)
+                    log.debug("request %s: %s: %r", plan.request_id, node.key, exc)
+                    if self.sink.committed:
+                        raise UpstreamStreamError(f"Node {node.key} {reason}") from None
+                    raise _AttemptFailed(
+                        reason, retry_same=isinstance(exc, ConnectError)
+                    ) from None
+            # The attempt's scope ran out (the request's deadline is the outer scope's).
+            if trio.current_time() >= plan.deadline:
+                raise _DeadlinePassed
+            if self.writing:  # the client left a write blocked: not the node's doing
+                raise ClientGone("the client stopped reading")
+            outcome = Outcome.FAILURE
+            if self.sink.committed:
+                reason = f"stream went idle (nothing for {settings.stream_idle_timeout:g}s)"
+                raise UpstreamStreamError(f"Node {node.key} {reason}")
+            reason = f"no response within {settings.attempt_timeout:g}s"
+            raise _AttemptFailed(reason)
+        finally:
+            self._record(node, outcome, reason)
+
+    async def _handle(
+        self, node: Node, up: UpstreamResponse, scope: trio.CancelScope
+    ) -> tuple[Outcome, str, _Answer | None]:
+        """Judge and read the node's answer: (outcome, reason, a whole answer to send)."""
+        status = up.status
+        plan = self.plan
+        if status >= 500 or 300 <= status < 400:  # a redirect is no answer from an API either
+            return Outcome.FAILURE, await _quote(up), None
+        if status == 429:
+            return Outcome.BUSY, await _quote(up), None
+        headers = [item for item in up.headers if item[0] not in HOP_BY_HOP]
+        if status == 200 and _is_event_stream(up.headers):
+            self.sink.head(status, headers)
+            outcome, reason = await self._pump(up, scope)
+            return outcome, reason, None
+        scope.deadline = plan.deadline
+        body = await up.read(MAX_UPSTREAM_BODY)
+        if 200 <= status < 300 and _JSON_START.match(body) is None:
+            return Outcome.FAILURE, f"HTTP {status} with a body that is not JSON", None
+        headers.append((b"content-length", str(len(body)).encode()))
+        return Outcome.SUCCESS, "", _Answer(status, headers, body)
+
+    async def _pump(self, up: UpstreamResponse, scope: trio.CancelScope) -> tuple[Outcome, str]:
+        """Forward SSE bytes as they arrive, whole events at a time. Only the reads from the
+        node are timed against the idle timeout; a write to a slow client is the sink's."""
         idle = self.dispatcher.settings.stream_idle_timeout
         # Moving a deadline costs; let it lag by up to a tenth of the idle timeout, so a quiet
         # stream is cut after 0.9 to 1.0 times STREAM_IDLE_TIMEOUT_SECS, never later.
         lag = idle - idle / 10
         deadline = self.plan.deadline
         receive = up.receive_some
-        pending = b""
+        send = self.sink.send
+        splitter = EventSplitter()
+        last = b""
         scope.deadline = min(deadline, trio.current_time() + idle)  # replaces the attempt's
-        while True:
-            now = trio.current_time()
-            if scope.deadline < deadline and scope.deadline - now < lag:
-                scope.deadline = min(deadline, now + idle)
-            data = await receive()
-            if not data:
-                if pending:
-                    await self._forward(pending)
-                return
-            if pending:
-                data = pending + data
-                pending = b""
-            cut = data.rfind(b"\n\n") + 2
-            if cut < len(data) and len(data) < MAX_PARTIAL_EVENT:
-                data, pending = data[:cut], data[cut:]
-            if data:
-                await self._forward(data)
+        try:
+            while True:
+                now = trio.current_time()
+                if scope.deadline < deadline and scope.deadline - now < lag:
+                    scope.deadline = min(deadline, now + idle)
+                data = await receive()
+                if not data:
+                    break
+                data = splitter.feed(data)
+                if data:
+                    self.writing = True
+                    await send(data)
+                    self.writing = False
+                    last = data
+        except UpstreamError:
+            if _DONE_TAIL.search(last[-32:]) is not None:
+                return Outcome.SUCCESS, ""  # it said [DONE], then dropped the connection
+            await self._end_event(splitter)
+            raise
+        rest = splitter.flush()
+        if rest:  # the stream ended inside an event: pass on what came (it is the node's)
+            self.writing = True
+            await send(rest)
+            self.writing = False
+            last = rest
+        if _DONE_TAIL.search(last[-32:]) is None and _close_delimited(up.headers):
+            # Without framing, the end of the connection is the end of the body: a node that
+            # died mid-stream looks like one that finished, except for the missing [DONE].
+            await self._end_event(splitter)
+            return Outcome.FAILURE, "closed the stream before [DONE]"
+        return Outcome.SUCCESS, ""
 
-    async def _forward(self, data: bytes) -> None:
-        self.started = True
-        await self.send(data)
+    async def _end_event(self, splitter: EventSplitter) -> None:
+        """Before an error event: end the half event an oversized line let through."""
+        if self.sink.committed and not splitter.at_boundary:
+            self.writing = True
+            await self.sink.send(b"\n\n")
+            self.writing = False
 
-    def _record(self, node: Node, verdict: bool | None) -> None:
+    def _busy_for(self, up: UpstreamResponse, outcome: Outcome) -> float:
+        if outcome is not Outcome.BUSY:
+            return 0.0
+        for key, value in up.headers:
+            if key == b"retry-after":
+                try:
+                    return max(1.0, float(value))
+                except ValueError:
+                    break
+        return CAPACITY_RETRY_AFTER
+
+    def _record(self, node: Node, outcome: Outcome, reason: str) -> None:
         now = trio.current_time()
-        if verdict is None:
-            node.breaker.release_probe()
-        elif verdict:
-            node.breaker.record_success(now)
-        else:
+        breaker = node.breaker
+        if outcome is Outcome.SUCCESS:
+            breaker.record_success(now)
+        elif outcome is Outcome.FAILURE and node.key not in self.failed:
+            self.failed.add(node.key)  # one bad request is not an outage: once per node
             node.failures += 1
-            was_open = node.breaker.open_until()
-            node.breaker.record_failure(now)
-            until = node.breaker.open_until()
+            node.last_error = reason
+            log.warning(
+                "request %s: attempt %d on %s failed: %s",
+                self.plan.request_id, self.count, node.key, reason,
+            )
+            was_open = breaker.open_until()
+            breaker.record_failure(now)
+            until = breaker.open_until()
             if until is not None and until != was_open:  # it just opened: tell the fleet
+                log.warning("breaker of %s opened for %gs", node.key, breaker.ttl)
                 self.dispatcher.registry.breaker_opened(node, until)
+        else:
+            breaker.release_probe()
 
 
-def _end_to_end(headers: Headers) -> Headers:
-    return [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
+def _is_event_stream(headers: Headers) -> bool:
+    for key, value in headers:
+        if key == b"content-type":
+            return value.startswith(b"text/event-stream")
+    return False
 
 
-def _stream_error(message: str) -> bytes:
-    return error_event(error_payload(message, status=502, code="upstream_stream_error"))
+def _close_delimited(headers: Headers) -> bool:
+    """A body that ends when the connection does (no length, not chunked)."""
+    return not any(key in (b"content-length", b"transfer-encoding") for key, _ in headers)
+
+
+async def _quote(up: UpstreamResponse) -> str:
+    """`HTTP <status>` and the node's own error message, shortened (what a user needs to see
+    to fix their request, e.g. "unknown role 'foo'")."""
+    what = f"HTTP {up.status}"
+    try:
+        data = await up.receive_some()
+    except UpstreamError:
+        return what
+    message = _error_message(data)
+    return f"{what}: {message}" if message else what
+
+
+def _error_message(data: bytes) -> str:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        text = data.decode("utf-8", "replace")
+    else:
+        found = body
+        if isinstance(found, dict):
+            found = found.get("error", found)
+        if isinstance(found, dict):
+            found = found.get("message") or found.get("detail") or ""
+        text = found if isinstance(found, str) else ""
+    text = " ".join(text.split())  # no control characters or line breaks reach the client
+    if len(text) > MAX_ERROR_QUOTE:
+        text = text[: MAX_ERROR_QUOTE - 1] + "…"
+    return text
+
+
+def _describe(exc: UpstreamError, mid_stream: bool) -> str:
+    """What went wrong, for a client: no parser internals, no addresses beyond host:port."""
+    if isinstance(exc, ConnectError):
+        return "cannot connect"
+    if isinstance(exc, UpstreamClosed):
+        return "closed the connection mid-stream" if mid_stream else (
+            "closed the connection before answering"
+        )
+    if isinstance(exc, UpstreamProtocolError):
+        return "sent an invalid HTTP response"
+    if isinstance(exc, BodyTooLarge):
+        return f"sent an answer larger than {MAX_UPSTREAM_BODY // (1024 * 1024)} MiB"
+    return "failed"
+
+
+__all__ = ["HOP_BY_HOP", "PATHS", "Dispatcher", "Outcome", "Plan"]

@@ -13,6 +13,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Literal
 
+from lb.errors import ModelNotFound
+
 __all__ = [
     "DEFAULT_SENTINELS",
     "ModelKind",
@@ -115,18 +117,6 @@ def is_embedding_model(model_id: str) -> bool:
     return any(f"-{family}-" in f"-{joined}-" for family in _EMBEDDING_TOKENS if "-" in family)
 
 
-class ModelNotFound(Exception):
-    """The requested model is not served by any healthy node; becomes 404 ``model_not_found``."""
-
-    status = 404
-    code = "model_not_found"
-
-    def __init__(self, requested: str, message: str) -> None:
-        super().__init__(message)
-        self.requested = requested
-        self.message = message
-
-
 def _listing(ids: Iterable[str]) -> str:
     ordered = sorted(ids)
     if not ordered:
@@ -168,23 +158,23 @@ def resolve_model(
             return matches[0]
         if matches:
             raise ModelNotFound(
-                requested,
                 f"The model '{requested}' is ambiguous: it matches {_listing(matches)} "
                 "case-insensitively; use the exact id.",
+                requested=requested,
             )
         raise ModelNotFound(
-            requested,
             f"The model '{requested}' does not exist or no healthy node serves it. "
             f"Available models: {_listing(live)}.",
+            requested=requested,
         )
 
     candidates = [model for model in live if _kind_matches(model, kind)]
     if not candidates:
         what = "embedding" if kind == "embedding" else kind
         raise ModelNotFound(
-            requested,
             f"No healthy node serves a {what} model to resolve '{requested}' to. "
             f"Available models: {_listing(live)}.",
+            requested=requested,
         )
     if len(candidates) == 1:
         return candidates[0]

@@ -152,10 +152,18 @@ def parse_strategy(text: str) -> Strategy:
         raise ValueError(f"invalid routing strategy {text!r}; expected one of: {valid}") from None
 
 
-def order(strategy: Strategy, cands: Sequence[C], *, counter: int, rng: random.Random) -> list[C]:
-    """Order ``cands`` by ``strategy``; one entry point so callers need not branch."""
+def order(
+    strategy: Strategy, cands: Sequence[C], *, counter: int, rng: random.Random,
+    session: str | None = None,
+) -> list[C]:
+    """Order ``cands`` by ``strategy`` (by ``session`` first: a sticky session outranks any
+    strategy); the one entry point, so every caller gets the same fallbacks."""
+    if len(cands) <= 1:
+        return list(cands)
+    if session:
+        return rendezvous(cands, session)
     if strategy is Strategy.ROUND_ROBIN:
         return round_robin(cands, counter)
-    if strategy is Strategy.LEAST_LOADED:
-        return least_loaded(cands, counter)
-    return random_order(cands, rng)
+    if strategy is Strategy.RANDOM:
+        return random_order(cands, rng)
+    return least_loaded(cands, counter)

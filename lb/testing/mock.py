@@ -26,11 +26,20 @@ import attrs
 import orjson
 import trio
 
-from lb.http.errors import HTTPError
+from lb.errors import BadRequest, LBError, ModelNotFound
+from lb.http.errors import error_body, error_headers
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.http.sse import DONE, SSE_HEADERS
-from lb.http.types import JSON_HEADERS, Handler, Request, Response, SendBody, StreamBody
+from lb.http.types import (
+    JSON_HEADERS,
+    ClientGone,
+    Handler,
+    Request,
+    Response,
+    ResponseSink,
+    StreamBody,
+)
 from lb.testing.embeddings import embed, embed_tokens, to_base64, words
 from lb.testing.faults import FaultSpec, FaultSpecError, parse_fault
 
@@ -46,11 +55,11 @@ WORDS = (
 _MODEL_CREATED = 1_700_000_000
 
 
-class DropConnection(trio.BrokenResourceError):
+class DropConnection(ClientGone):
     """Raised from a stream writer so that the server closes the connection mid-answer.
 
-    A BrokenResourceError so that a server which treats broken connections as routine closes
-    it quietly; the client sees a truncated chunked body.
+    A ClientGone, so the server closes the connection quietly without another byte; the
+    client sees a truncated chunked body (or no answer at all, before the head).
     """
 
 
@@ -211,20 +220,23 @@ class MockNode:
                 response = await endpoint(request, knobs)
                 if knobs.drop_after == 0 and response.stream is None:
                     response = Response(200, list(JSON_HEADERS), stream=_drop_now)
+                headers = [*response.headers, (b"x-mock-node", self.name.encode())]
                 if response.stream is not None:
-                    response.stream = self._tracked(response.stream)
                     streaming = True
-                else:
-                    stats.completed += 1
-                response.headers.append((b"x-mock-node", self.name.encode()))
-                return response
+                    return attrs.evolve(
+                        response, headers=headers, stream=self._tracked(response.stream)
+                    )
+                stats.completed += 1
+                return attrs.evolve(response, headers=headers)
             except trio.Cancelled:
                 stats.disconnects += 1
                 raise
-            except HTTPError:
+            except LBError as exc:
                 stats.completed += 1
                 stats.errors += 1
-                raise
+                body = error_body(exc)
+                headers = [*error_headers(exc, body), (b"x-mock-node", self.name.encode())]
+                return Response(exc.status, headers, body)
             finally:
                 if not streaming:
                     stats.concurrent -= 1
@@ -234,14 +246,14 @@ class MockNode:
     def _tracked(self, writer: StreamBody) -> StreamBody:
         """Count a streamed answer's end: completed, dropped on purpose, or client gone."""
 
-        async def write(send: SendBody) -> None:
+        async def write(sink: ResponseSink) -> None:
             stats = self.stats
             try:
-                await writer(send)
+                await writer(sink)
             except DropConnection:
                 stats.dropped += 1
                 raise
-            except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.Cancelled, ClientGone):
                 stats.disconnects += 1
                 raise
             else:
@@ -262,7 +274,7 @@ class MockNode:
             try:
                 spec = parse_fault(raw.decode("latin-1"))
             except FaultSpecError as exc:
-                raise HTTPError(400, str(exc), code="invalid_fault", param="x-mock-fault") from None
+                raise BadRequest(str(exc), code="invalid_fault", param="x-mock-fault") from None
         if spec.empty:
             return None
         if spec.rate < 1.0 and self._rng.random() >= spec.rate:
@@ -280,25 +292,19 @@ class MockNode:
             fault.drop_after,
         )
 
-    def _fault_error(self, fault: FaultSpec) -> HTTPError:
+    def _fault_error(self, fault: FaultSpec) -> LBError:
         assert fault.status is not None
-        headers = [(b"x-mock-node", self.name.encode())]
-        if fault.retry_after is not None:
-            headers.append((b"retry-after", str(fault.retry_after).encode()))
-        return HTTPError(
-            fault.status, f"Injected fault: status {fault.status} from mock node {self.name}",
-            code="mock_fault", headers=headers,
+        return LBError(
+            f"Injected fault: status {fault.status} from mock node {self.name}",
+            status=fault.status, code="mock_fault", retry_after=fault.retry_after,
         )
 
     def _check_model(self, body: dict[str, Any]) -> str:
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise HTTPError(400, "'model' is required and must be a string", param="model")
+            raise BadRequest("'model' is required and must be a string", param="model")
         if model not in self.models:
-            raise HTTPError(
-                404, f"The model `{model}` does not exist on mock node {self.name}",
-                code="model_not_found", param="model",
-            )
+            raise ModelNotFound(f"The model `{model}` does not exist on mock node {self.name}")
         return model
 
     def _new_id(self, prefix: str) -> str:
@@ -324,7 +330,7 @@ class MockNode:
         model = self._check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise HTTPError(400, "'messages' must be a non-empty array", param="messages")
+            raise BadRequest("'messages' must be a non-empty array", param="messages")
         prompt_tokens = sum(_message_words(m) for m in messages)
         n, finish = _completion_length(body, knobs.tokens)
         created = int(time.time())
@@ -378,14 +384,15 @@ class MockNode:
         model = self._check_model(body)
         dim = body.get("dimensions", self.embedding_dim)
         if not _is_int(dim) or not 1 <= dim <= MAX_EMBEDDING_DIM:
-            raise HTTPError(
-                400, f"'dimensions' must be an integer from 1 to {MAX_EMBEDDING_DIM}",
+            raise BadRequest(
+                f"'dimensions' must be an integer from 1 to {MAX_EMBEDDING_DIM}",
                 param="dimensions",
             )
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            raise HTTPError(400, "'encoding_format' must be 'float' or 'base64'",
-                            param="encoding_format")
+            raise BadRequest(
+                "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
+            )
         vectors, prompt_tokens = _embed_input(body.get("input"), dim)
         if knobs.ttft:
             await trio.sleep(knobs.ttft)
@@ -420,11 +427,11 @@ class MockNode:
         body = _json_body(request)
         spec = body.get("fault")
         if not isinstance(spec, str):
-            raise HTTPError(400, "body must be {\"fault\": \"<spec>\"}", param="fault")
+            raise BadRequest("body must be {\"fault\": \"<spec>\"}", param="fault")
         try:
             parsed = self.set_fault(spec)
         except FaultSpecError as exc:
-            raise HTTPError(400, str(exc), code="invalid_fault", param="fault") from None
+            raise BadRequest(str(exc), code="invalid_fault", param="fault") from None
         return Response.json({"fault": parsed.format()})
 
     async def _get_requests(self, request: Request) -> Response:
@@ -434,7 +441,7 @@ class MockNode:
 # -- helpers (pure, module level so they are cheap to call) ------------------------------------
 
 
-async def _drop_now(send: SendBody) -> None:
+async def _drop_now(sink: ResponseSink) -> None:
     # Raised before any byte: the server closes the connection without answering.
     raise DropConnection("mock fault: drop-after=0")
 
@@ -447,15 +454,15 @@ def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, f"Request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HTTPError(400, "Request body must be a JSON object")
+        raise BadRequest("Request body must be a JSON object")
     return body
 
 
 def _message_words(message: Any) -> int:
     if not isinstance(message, dict):
-        raise HTTPError(400, "each message must be an object", param="messages")
+        raise BadRequest("each message must be an object", param="messages")
     content = message.get("content")
     if isinstance(content, str):
         return len(content.split())
@@ -479,8 +486,7 @@ def _prompt_words(prompt: Any) -> int:
             return len(prompt)
         if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
             return sum(len(p) for p in prompt)
-    raise HTTPError(
-        400, "'prompt' must be a string, an array of strings or an array of token ids",
+    raise BadRequest("'prompt' must be a string, an array of strings or an array of token ids",
         param="prompt",
     )
 
@@ -496,8 +502,7 @@ def _embed_input(value: Any, dim: int) -> tuple[list[list[float]], int]:
             return [embed_tokens(value, dim)], len(value)
         if all(isinstance(v, list) and all(_is_int(t) for t in v) for v in value):
             return [embed_tokens(v, dim) for v in value], sum(len(v) for v in value)
-    raise HTTPError(
-        400, "'input' must be a non-empty string, array of strings or array of token ids",
+    raise BadRequest("'input' must be a non-empty string, array of strings or array of token ids",
         param="input",
     )
 
@@ -633,7 +638,8 @@ def _stream(
     # Frames that wait `itl` first: every token after the first.
     gap_from, gap_to = first_token + 1, first_token + n
 
-    async def write(send: SendBody) -> None:
+    async def write(sink: ResponseSink) -> None:
+        send = sink.send
         if ttft > 0:
             await trio.sleep(ttft)
         if itl <= 0:
