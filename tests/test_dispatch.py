@@ -26,6 +26,7 @@ from lb.errors import (
     LocalResourcesExhausted,
     NoHealthyNode,
     RateLimited,
+    ShuttingDown,
     UpstreamStreamError,
 )
 from lb.http.types import ClientGone, Headers
@@ -136,6 +137,7 @@ class RecordingSink:
     committed: bool = False
     stall_after: int | None = None  # writes that succeed before every write blocks
     writes: int = 0
+    drain_scope: trio.CancelScope | None = None
 
     def head(self, status: int, headers: Headers) -> None:
         assert not self.committed
@@ -143,6 +145,9 @@ class RecordingSink:
 
     def tag(self, name: bytes, value: bytes) -> None:
         self.tags[name] = value
+
+    def cancel_on_drain(self, scope: trio.CancelScope) -> None:
+        self.drain_scope = scope
 
     async def send(self, data: bytes) -> None:
         if self.stall_after is not None and self.writes >= self.stall_after:
@@ -447,3 +452,26 @@ async def test_the_callers_body_is_not_mutated(autojump_clock: Any) -> None:
 def test_every_lb_error_has_a_status_and_code() -> None:
     for cls in (AllUpstreamsFailed, RateLimited, NoHealthyNode, UpstreamStreamError):
         assert issubclass(cls, LBError) and cls.status >= 400 and cls.code
+
+
+async def test_a_stream_cut_by_the_end_of_a_drain_ends_with_shutting_down(
+    autojump_clock: Any,
+) -> None:
+    a, _ = node(sse(EVENT, 100.0, DONE))
+    sink = RecordingSink()
+    d = dispatcher(a)
+    raised: list[BaseException] = []
+
+    async def execute() -> None:
+        try:
+            await d.execute(intent(stream=True), sink)
+        except LBError as exc:
+            raised.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(execute)
+        await trio.sleep(10)
+        assert sink.drain_scope is not None
+        sink.drain_scope.cancel()  # what the server does when the drain's grace ends
+    assert [type(exc) for exc in raised] == [ShuttingDown]
+    assert sink.committed and sink.body == EVENT and a.failures == 0

@@ -50,6 +50,9 @@ READ_SIZE = 65536
 # the reader stops reading until they are consumed (watching only for a hang-up meanwhile).
 MAX_PIPELINED_BYTES = 256 * 1024
 LINGER_SECS = 1.0
+# After the drain's grace, a writer that asked to be told (cancel_on_drain) gets this long to
+# end its answer properly (a stream's error event) before its connection is cancelled.
+DRAIN_FINISH_SECS = 1.0
 # Connections turned away over max_connections linger (to deliver their 503 intact) only while
 # fewer than this many do; past it they are closed at once, so a flood cannot use up the fds.
 MAX_LINGERING_REJECTS = 64
@@ -92,6 +95,7 @@ class _Connection:
     broken: bool = False  # a write was cut off: never write again
     fd: int = attrs.field(init=False)
     idle_scope: trio.CancelScope | None = None  # waiting for a request: drain cancels this
+    drain_scope: trio.CancelScope | None = None  # the writer's: the drain's end cancels it
     _waiter: Task | None = None  # the keep-alive loop, waiting for the reader
     # The reader, waiting for the buffer to drain: parked (a Task), or watching for a hang-up
     # in a cancel scope that poll() cancels to let it go on.
@@ -268,6 +272,7 @@ class HTTPServer:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.draining = False
+        self.drain_deadline: float | None = None
         # Client connections being served, the most at once (set by serve(), 0: no limit), and
         # how many were turned away with 503 over it.
         self.open_connections = 0
@@ -328,13 +333,16 @@ class HTTPServer:
     def drain(self, timeout: float) -> None:
         """Stop accepting, close idle connections, give requests in flight `timeout` seconds."""
         self.draining = True
+        self.drain_deadline = trio.current_time() + timeout
         if self._accept_scope is not None:
             self._accept_scope.cancel()
         if self._connections_scope is not None:
-            self._connections_scope.deadline = trio.current_time() + timeout
+            self._connections_scope.deadline = self.drain_deadline + DRAIN_FINISH_SECS
         for conn in self._connections:
             if conn.idle_scope is not None:
                 conn.idle_scope.cancel()
+            if conn.drain_scope is not None:
+                conn.drain_scope.deadline = min(conn.drain_scope.deadline, self.drain_deadline)
 
     def stop(self) -> None:
         """Cancel everything now."""
@@ -542,6 +550,7 @@ class HTTPServer:
             return False
         finally:
             conn.in_request = False
+            conn.drain_scope = None
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
     async def _run_handler(self, sink: _Sink, request: Request) -> None:
@@ -651,6 +660,13 @@ class _Sink:
         else:
             return
         await self._conn.write(out)
+
+    def cancel_on_drain(self, scope: trio.CancelScope) -> None:
+        conn = self._conn
+        conn.drain_scope = scope
+        deadline = self._server.drain_deadline
+        if deadline is not None:
+            scope.deadline = min(scope.deadline, deadline)
 
     async def end(self, data: bytes = b"") -> None:
         """The last bytes of the body and the end of the message, in one write."""

@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl
 
 import attrs
 import orjson
+import trio
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -40,6 +41,11 @@ class ResponseSink(Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write body bytes, committing the head first; raises ClientGone."""
+        ...
+
+    def cancel_on_drain(self, scope: trio.CancelScope) -> None:
+        """Cancel `scope` when a drain's grace runs out, leaving the writer a moment to end
+        its answer properly (a stream's error event) before the connection is cut."""
         ...
 
 

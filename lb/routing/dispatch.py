@@ -37,6 +37,7 @@ from lb.errors import (
     NodeNotFound,
     NoHealthyNode,
     RateLimited,
+    ShuttingDown,
     UpstreamStreamError,
 )
 from lb.http.sse import EventSplitter
@@ -155,12 +156,15 @@ class Dispatcher:
         plan = self.plan(intent)
         sink.tag(b"x-selected-model", plan.model.encode())
         run = _Run(self, plan, sink)
-        with trio.move_on_at(plan.deadline):
+        with trio.move_on_at(plan.deadline) as scope:
+            sink.cancel_on_drain(scope)
             try:
                 await run.run()
                 return
             except _DeadlinePassed:
                 pass
+        if trio.current_time() < plan.deadline:
+            raise ShuttingDown("lb is shutting down; the answer was cut at the end of the drain")
         raise DeadlineExceeded(
             f"Request deadline of {plan.budget:g}s passed after {run.count} attempt(s)"
         )
