@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import httpx
 import openai
+import orjson
 import trio
 
 from lb.app import serve
@@ -101,3 +103,81 @@ def sdk(lb: Running) -> openai.AsyncOpenAI:
 
 
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "hello world"}]}
+
+
+# --- scripted nodes: exact bytes, for the faults a well-behaved server never shows -----------
+
+# (request head, the connection, bytes received after the head)
+Script = Callable[[bytes, trio.SocketStream, bytearray], Awaitable[None]]
+
+
+async def read_head(stream: trio.SocketStream, buffered: bytearray) -> bytes:
+    """One request head (up to the blank line); what follows stays in `buffered`."""
+    while b"\r\n\r\n" not in buffered:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError
+        buffered += data
+    head, _, rest = bytes(buffered).partition(b"\r\n\r\n")
+    buffered[:] = rest
+    return head
+
+
+async def read_body(stream: trio.SocketStream, head: bytes, buffered: bytearray) -> bytes:
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buffered) < length:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError
+        buffered += data
+    body = bytes(buffered[:length])
+    del buffered[:length]
+    return body
+
+
+def json_answer(obj: Any, status: str = "200 OK") -> bytes:
+    body = orjson.dumps(obj)
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def start_scripted(
+    nursery: trio.Nursery, script: Script, models: tuple[str, ...] = ("llama-3.1-8b",)
+) -> Running:
+    """A node that answers lb's `GET /v1/models` probes properly and hands every other
+    request's head to `script` (which reads the body itself, if it wants, with `read_body`)."""
+    listing = json_answer({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buffered = bytearray()
+        try:
+            while True:
+                head = await read_head(stream, buffered)
+                if head.startswith(b"GET /v1/models"):
+                    await stream.send_all(listing)
+                    continue
+                await script(head, stream, buffered)
+                return
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        with scope:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as inner:
+                inner.start_soon(trio.serve_listeners, handle, listeners)
+                task_status.started(port)
+
+    port: int = await nursery.start(run)
+    return Running(port, scope)
