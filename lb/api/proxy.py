@@ -33,6 +33,7 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
 # JSON); compressed answers could not be spliced; lb sends its own x-request-id.
 _NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id"}
 _JSON = (b"content-type", b"application/json")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # A session id is hashed and may be logged: visible ASCII only.
 _SESSION_ID = re.compile(rb"[\x21-\x7e]{1,256}")
 
@@ -100,14 +101,17 @@ def route_request(
 
 
 def node_headers(request: Request) -> Headers:
-    """The client's end-to-end headers, plus lb's content type and request id. Headers the
-    client's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1)."""
+    """The client's end-to-end headers, plus lb's content type and the request id when it is a
+    UUID (lb's own are). Headers the client's `Connection` header names are hop-by-hop too
+    (RFC 9110 §7.6.1)."""
     dropped = _NOT_TO_NODE
     for key, value in request.headers:
         if key == b"connection":
             named = {token.strip().lower() for token in value.split(b",")}
             dropped = dropped | named
-    headers = [_JSON, (b"x-request-id", request.request_id.encode())]
+    headers = [_JSON]
+    if _UUID.fullmatch(request.request_id):  # nodes may refuse any other shape of id
+        headers.append((b"x-request-id", request.request_id.encode()))
     headers += [item for item in request.headers if item[0] not in dropped]
     return headers
 

@@ -285,11 +285,12 @@ class HTTPServer:
         self._connections: set[_Connection] = set()
         self._listeners: list[trio.SocketListener] = []
         # Request ids: a random prefix per process and a counter (no syscall per request).
-        self._id_prefix = uuid.uuid4().hex[:12]
+        # Shaped as a UUID: some nodes (llama-cpp-python) refuse any other x-request-id.
+        self._id_prefix = str(uuid.uuid4())[:24]
         self._ids = itertools.count(1)
 
     def new_request_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):08x}"
+        return f"{self._id_prefix}{next(self._ids):012x}"
 
     async def serve_tcp(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
