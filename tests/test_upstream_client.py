@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from lb.upstream.client import (
+    _COALESCE_LIMIT,
     BodyTooLarge,
     ConnectError,
     ConnectionPool,
@@ -46,8 +47,10 @@ class Server:
 
 @asynccontextmanager
 async def serve(
-    handler: Handler, ssl_context: ssl.SSLContext | None = None
+    handler: Handler, ssl_context: ssl.SSLContext | None = None, rcvbuf: int | None = None
 ) -> AsyncIterator[Server]:
+    """`rcvbuf`: SO_RCVBUF of the listening socket (inherited by accepted ones), so a node
+    that stops reading blocks the client's send sooner."""
     server = Server()
 
     async def on_connection(stream: trio.abc.Stream) -> None:
@@ -55,7 +58,15 @@ async def serve(
         await handler(stream, server)
 
     async with trio.open_nursery() as nursery:
-        if ssl_context is None:
+        if rcvbuf is not None:
+            assert ssl_context is None
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before listen()
+            await sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            await nursery.start(trio.serve_listeners, on_connection, [trio.SocketListener(sock)])
+            server.port = sock.getsockname()[1]
+        elif ssl_context is None:
             listeners = await nursery.start(
                 partial(trio.serve_tcp, on_connection, 0, host="127.0.0.1")
             )
@@ -435,12 +446,15 @@ async def test_cancel_mid_body_closes_connection_at_once() -> None:
                 await peer_saw_close.wait()
 
 
-async def test_cancel_while_waiting_for_headers_closes_connection() -> None:
+@pytest.mark.parametrize("size", [0, 300_000], ids=["no-body", "large-body"])
+async def test_cancel_while_waiting_for_headers_closes_connection(size: int) -> None:
     peer_saw_close = trio.Event()
+    scope = trio.CancelScope()
 
     async def handler(stream: trio.abc.Stream, server: Server) -> None:
         conn = h11.Connection(h11.SERVER)
         await read_request(stream, conn)
+        scope.cancel()  # the whole request is here: the client waits for the head
         try:
             data = await stream.receive_some(1)
         except trio.BrokenResourceError:
@@ -448,13 +462,21 @@ async def test_cancel_while_waiting_for_headers_closes_connection() -> None:
         assert data == b""
         peer_saw_close.set()
 
+    sent: list[None] = []
     with trio.fail_after(5):
         async with serve(handler) as server:
             pool = ConnectionPool(server.url())
-            with trio.move_on_after(0.05) as scope:
-                async with pool.request("GET", "/", []):
+            with scope:
+                async with pool.request(
+                    "POST" if size else "GET",
+                    "/",
+                    [],
+                    b"x" * size,
+                    on_sent=lambda: sent.append(None),
+                ):
                     raise AssertionError("no response was sent")
             assert scope.cancelled_caught
+            assert len(sent) == 1
             assert_stats(pool, idle=0, opened=1)
             with trio.fail_after(1):
                 await peer_saw_close.wait()
@@ -692,6 +714,178 @@ async def test_large_request_body() -> None:
             assert server.requests[0][1] == body
 
 
+# --- early responses (RFC 9112 section 9.5) ------------------------------------------
+
+TOO_LARGE = orjson.dumps({"error": {"message": "request body too large", "code": 413}})
+
+
+def early_413_handler(close: bool) -> Handler:
+    """Reads the request head only, answers 413 with a JSON body before reading any of the
+    request body, then closes (`connection: close`; unread data makes that a RST) or keeps
+    the socket open without ever reading again."""
+
+    async def handler(stream: trio.abc.Stream, server: Server) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while (event := conn.next_event()) is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(65536)))
+        assert isinstance(event, h11.Request)
+        server.requests.append((event, b""))
+        await stream.send_all(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n%s\r\n%s"
+            % (len(TOO_LARGE), b"connection: close\r\n" if close else b"", TOO_LARGE)
+        )
+        if close:
+            await stream.aclose()
+        else:
+            await trio.sleep_forever()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "size",
+    [_COALESCE_LIMIT, 8 << 20],
+    ids=["64KiB-one-send", "8MiB-body-sent-apart"],
+)
+async def test_early_413_then_close_is_returned(size: int) -> None:
+    # The node closes with the request body unread: its kernel answers our data with a RST
+    # and our send fails. The 413 it sent first is what the caller must get, not an error.
+    # 64 KiB goes out with the head in one send_all (no concurrent reader): the tiny receive
+    # buffer makes that send block, so only reading what arrived after it failed saves it.
+    sent: list[None] = []
+    with trio.fail_after(10):
+        async with serve(early_413_handler(close=True), rcvbuf=4096) as server:
+            pool = ConnectionPool(server.url())
+            async with pool.request(
+                "POST", "/v1/completions", JSON, b"x" * size, on_sent=lambda: sent.append(None)
+            ) as resp:
+                assert resp.status == 413
+                assert resp.header(b"content-type") == b"application/json"
+                assert orjson.loads(await resp.read()) == orjson.loads(TOO_LARGE)
+            assert sent == []  # the request was never all written
+            assert dict(server.requests[0][0].headers)[b"content-length"] == b"%d" % size
+            assert_stats(pool, idle=0, opened=1)
+
+
+async def test_early_413_on_open_connection_is_returned_while_sending() -> None:
+    # The node answers and then neither reads nor closes: the send would block forever.
+    # The response head must cut it short, and the connection must not be pooled (the node
+    # still expects the rest of the body on it).
+    sent: list[None] = []
+    with trio.fail_after(10):
+        async with serve(early_413_handler(close=False)) as server:
+            pool = ConnectionPool(server.url())
+            body = b"x" * (8 << 20)
+            async with pool.request(
+                "POST", "/", JSON, body, on_sent=lambda: sent.append(None)
+            ) as resp:
+                assert resp.status == 413
+                assert orjson.loads(await resp.read()) == orjson.loads(TOO_LARGE)
+                assert resp.complete
+            assert sent == []
+            assert_stats(pool, idle=0, opened=1)
+            # the next request opens a new connection
+            async with pool.request("POST", "/", JSON, body) as resp:
+                assert resp.status == 413
+                await resp.read()
+            assert server.accepted == 2
+            assert_stats(pool, idle=0, opened=2)
+
+
+async def test_response_after_the_whole_large_body_is_normal() -> None:
+    # Watching for an early head must not disturb the ordinary case: a node that reads all
+    # of a large body, then answers, keeps its connection in the pool.
+    body = b"y" * (3 << 20)
+
+    async def respond(request: h11.Request, received: bytes) -> Reply:
+        return 200, [], b"%d" % len(received)
+
+    with trio.fail_after(10):
+        async with serve(h11_handler(respond)) as server:
+            pool = ConnectionPool(server.url())
+            for _ in range(2):
+                async with pool.request("PUT", "/", [], body) as resp:
+                    assert await resp.read() == b"%d" % len(body)
+            assert server.accepted == 1
+            assert_stats(pool, idle=1, opened=1)
+
+
+async def test_early_response_on_reused_connection_is_not_retried() -> None:
+    # An answer that came before the body was sent is the node's answer: no retry.
+    async def handler(stream: trio.abc.Stream, server: Server) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await read_request(stream, conn)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await early_413_handler(close=True)(stream, server)
+
+    with trio.fail_after(10):
+        async with serve(handler) as server:
+            pool = ConnectionPool(server.url())
+            async with pool.request("GET", "/", []) as resp:
+                assert await resp.read() == b"ok"
+            async with pool.request("POST", "/", JSON, b"x" * (8 << 20)) as resp:
+                assert resp.status == 413
+                assert orjson.loads(await resp.read()) == orjson.loads(TOO_LARGE)
+            assert server.accepted == 1
+            assert_stats(pool, idle=0, opened=1)
+
+
+async def test_garbage_while_sending_large_body_raises_protocol_error() -> None:
+    # The watcher's verdict ends the send too: no hang on a node that never reads.
+    async def handler(stream: trio.abc.Stream, server: Server) -> None:
+        assert await stream.receive_some(1)
+        await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await trio.sleep_forever()
+
+    sent: list[None] = []
+    with trio.fail_after(10):
+        async with serve(handler) as server:
+            pool = ConnectionPool(server.url())
+            with pytest.raises(UpstreamProtocolError):
+                async with pool.request(
+                    "POST", "/", JSON, b"x" * (8 << 20), on_sent=lambda: sent.append(None)
+                ):
+                    pass
+            assert sent == []
+            assert_stats(pool, idle=0, opened=1)
+
+
+async def test_cancel_while_sending_large_body_closes_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A node that reads nothing and says nothing: the caller's timeout ends the request
+    # (sender and watcher both cancelled) and the node sees the connection close. The
+    # timeout fires once every task is blocked, i.e. the send is stuck on full buffers.
+    cancelled = trio.Event()
+    peer_saw_close = trio.Event()
+
+    async def handler(stream: trio.abc.Stream, server: Server) -> None:
+        assert await stream.receive_some(1)
+        await cancelled.wait()  # read nothing more until the client gave up
+        try:
+            while await stream.receive_some(1 << 20):
+                pass  # what was sent before the client closed
+        except trio.BrokenResourceError:
+            pass
+        peer_saw_close.set()
+
+    with trio.fail_after(100):
+        async with serve(handler) as server:
+            pool = ConnectionPool(server.url())
+            sent: list[None] = []
+            with trio.move_on_after(30) as scope:
+                async with pool.request(
+                    "POST", "/", JSON, b"x" * (8 << 20), on_sent=lambda: sent.append(None)
+                ):
+                    raise AssertionError("no response was sent")
+            assert scope.cancelled_caught
+            cancelled.set()
+            assert sent == []
+            assert_stats(pool, idle=0, opened=1)
+            await peer_saw_close.wait()
+
+
 # --- the on_sent hook ------------------------------------------------------------------
 
 
@@ -845,3 +1039,20 @@ async def test_tls_stale_connection(tls: tuple[ssl.SSLContext, ssl.SSLContext]) 
                 await trio.sleep(0.05)
             assert server.accepted == 3
             assert pool.retries == 0  # close_notify + FIN seen by the check on checkout
+
+
+async def test_tls_early_response_while_sending(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, client_ctx = tls
+    sent: list[None] = []
+    with trio.fail_after(10):
+        async with serve(early_413_handler(close=False), server_ctx) as server:
+            pool = ConnectionPool(server.url("https"), ssl_context=client_ctx)
+            async with pool.request(
+                "POST", "/", JSON, b"x" * (8 << 20), on_sent=lambda: sent.append(None)
+            ) as resp:
+                assert resp.status == 413
+                assert orjson.loads(await resp.read()) == orjson.loads(TOO_LARGE)
+            assert sent == []
+            assert_stats(pool, idle=0, opened=1)

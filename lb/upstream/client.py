@@ -1,7 +1,8 @@
 """lb's own HTTP/1.1 client for talking to nodes: trio streams + h11, keep-alive pooled.
 
 This is the request hot path of the balancer (every proxied request goes through it), so it
-is deliberately small: one h11 connection per socket, one ``send_all`` per request, no
+is deliberately small: one h11 connection per socket, one ``send_all`` per request (bodies
+up to 64 KiB are copied behind the head; larger ones go in a second ``send_all``), no
 timeouts of its own besides ``connect_timeout`` and no cap on open connections.
 
 API::
@@ -25,8 +26,9 @@ to it. ``https`` uses ``trio.SSLStream`` with ``ssl.create_default_context()`` u
 ``on_sent``: an optional ``Callable[[], None]``, called (synchronously) once the whole
 request, head and body, has been written to the socket, before the wait for the response
 head -- e.g. to end a timeout that should bound connect + send but not the node's work. Not
-called if the send failed. After a transparent retry (below) it is called again once the
-retry's send completes, so it can be called twice for one request.
+called if the send failed or an early response cut it short (below). After a transparent
+retry (below) it is called again once the retry's send completes, so it can be called
+twice for one request.
 
 Request headers: the client sets ``host`` and ``content-length`` itself and drops the
 caller's ``host``, ``content-length`` and hop-by-hop headers (``connection``,
@@ -36,18 +38,28 @@ passed in must be lower-case (as in ``lb.http.types.Headers``).
 
 Connection lifecycle: ``request()`` checks out an idle connection (or opens one), sends
 the request and waits for the response head; the response is yielded after the head
-arrived. On leaving the context, a connection whose response was read to the end and
-that both sides may reuse goes back to the idle list; any other exit (body not fully read,
-exception, cancellation) closes the socket at once, without blocking, so the node sees
-EOF/RST immediately. The caller owns all timeouts (cancel scopes around ``request()`` and
-around each ``receive_some()``); a cancel at any await point never leaves a connection in
-the pool.
+arrived. On leaving the context, a connection whose request was sent whole, whose
+response was read to the end and that both sides may reuse goes back to the idle list;
+any other exit (body not fully read, early response, exception, cancellation) closes the
+socket at once, without blocking, so the node sees EOF/RST immediately. The caller owns
+all timeouts (cancel scopes around ``request()`` and around each ``receive_some()``); a
+cancel at any await point never leaves a connection in the pool.
+
+Early responses (RFC 9112 section 9.5): a node may answer (413, 400, 401...) before it has
+read the request body, and often closes the connection without reading it. While a body
+larger than 64 KiB is being sent, the client also reads: if a complete response head
+arrives before the body is all sent, the send is abandoned and that response is returned.
+And whenever a send fails (EPIPE, ECONNRESET), a response head the node already sent is
+looked for in what has arrived (without waiting: our side may be the broken one) and
+returned if complete. Either way the connection is never reused. Over https, abandoning or
+failing a send breaks the TLS stream, so such a response's body is readable only as far as
+it had already arrived with the head (in practice: short error bodies, sent in one piece).
 
 Stale connections: before an idle connection is reused it is polled (without blocking);
 if it is readable -- the peer closed or reset it, or sent something unsolicited -- it is
-dropped. If a reused connection still fails while sending, or hits EOF/reset before any
-byte of the response arrived, the request is retried once on a brand-new connection. A
-failure on a fresh connection is raised.
+dropped. If a reused connection still fails while sending (and no response can be read
+from it), or hits EOF/reset before any byte of the response arrived, the request is
+retried once on a brand-new connection. A failure on a fresh connection is raised.
 
 Errors, all subclasses of ``UpstreamError``: ``ConnectError`` (refused, DNS, timeout, TLS
 handshake), ``LocalResourceError`` (connecting failed because lb itself is out of file
@@ -294,6 +306,61 @@ class UpstreamResponse:
         return b"".join(parts)
 
 
+async def _read_head(conn: _Conn) -> h11.Response:
+    """Wait for the response head, skipping 1xx responses."""
+    while True:
+        event = await conn.next_event()
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        if isinstance(event, h11.ConnectionClosed):
+            raise UpstreamClosed("node closed the connection before responding")
+        raise UpstreamProtocolError(f"unexpected event from node: {event!r}")
+
+
+async def _salvage_response(conn: _Conn) -> h11.Response | None:
+    """After a failed send: the response head the node sent before it closed, if it is
+    already here. Reads only while the socket is readable, never waits for more (our own
+    side may be the broken one, with a live but silent node at the other end)."""
+    h = conn.h11
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        if event is not h11.NEED_DATA or not conn.readable():
+            return None
+        try:
+            await conn.receive()
+        except UpstreamClosed:
+            return None
+
+
+async def _send_failed(conn: _Conn, exc: BaseException) -> UpstreamResponse:
+    """A send failed: the node may have answered (413, 400...) and closed before reading
+    all of the request, and what it sent is likely still in our receive buffer. Returns
+    that response, or raises ``_Retry`` (a reused connection, nothing received) or
+    ``UpstreamClosed``."""
+    event = await _salvage_response(conn)
+    if event is not None:
+        return _early_response(conn, event)
+    if conn.reused and not conn.got_bytes:
+        raise _Retry from exc
+    raise UpstreamClosed(f"connection to node lost while sending: {exc!r}") from exc
+
+
+def _early_response(conn: _Conn, event: h11.Response) -> UpstreamResponse:
+    """A response that came while the request was not all sent: the connection can never be
+    reused (the node's view of where our request ends is unknown)."""
+    conn.h11.send(h11.ConnectionClosed())  # our side CLOSED: _release will close it
+    return UpstreamResponse(conn, event)
+
+
 class _RequestContext:
     """What ``ConnectionPool.request()`` returns: sends on enter, releases on exit."""
 
@@ -369,18 +436,12 @@ class _RequestContext:
             h.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"invalid request: {exc}") from exc
+        if len(body) > _COALESCE_LIMIT:
+            return await self._send_large(conn, head, body)
         try:
-            if not body:
-                await conn.stream.send_all(head)
-            elif len(body) <= _COALESCE_LIMIT:
-                await conn.stream.send_all(head + body)
-            else:
-                await conn.stream.send_all(head)
-                await conn.stream.send_all(body)
+            await conn.stream.send_all(head + body if body else head)
         except _IO_ERRORS as exc:
-            if conn.reused:
-                raise _Retry from exc
-            raise UpstreamClosed(f"connection to node lost while sending: {exc!r}") from exc
+            return await _send_failed(conn, exc)
         if self._on_sent is not None:
             self._on_sent()
         try:
@@ -397,6 +458,62 @@ class _RequestContext:
             if conn.reused and not conn.got_bytes:
                 raise _Retry from None
             raise
+
+    async def _send_large(self, conn: _Conn, head: bytes, body: bytes) -> UpstreamResponse:
+        """``_exchange`` for a body too large to copy behind the head: two ``send_all``,
+        and the body is sent while the response head is read (RFC 9112 section 9.5).
+
+        A head that arrives before the body is all sent cuts the send short and is returned
+        as an early response (the connection is not reused). Otherwise this is the usual
+        send, ``on_sent()``, wait for the head.
+        """
+        try:
+            await conn.stream.send_all(head)
+        except _IO_ERRORS as exc:
+            return await _send_failed(conn, exc)
+        event: h11.Response | None = None
+        error: UpstreamError | None = None  # the head read's
+        send_error: BaseException | None = None
+        callback_error: BaseException | None = None
+        sent = False
+
+        async def read_head() -> None:
+            nonlocal event, error
+            try:
+                event = await _read_head(conn)
+            except UpstreamError as exc:
+                error = exc
+                if isinstance(exc, UpstreamClosed) and not sent:
+                    # EOF or reset: the send fails too (a response may be salvaged), or, if
+                    # the node half-closed but still reads, this error is raised after it.
+                    return
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_head)
+            try:
+                await conn.stream.send_all(body)
+            except _IO_ERRORS as exc:
+                send_error = exc
+                nursery.cancel_scope.cancel()
+            else:
+                sent = True
+                if self._on_sent is not None:
+                    try:
+                        self._on_sent()
+                    except BaseException as exc:  # raised as is, not in an ExceptionGroup
+                        callback_error = exc
+                        nursery.cancel_scope.cancel()
+        if callback_error is not None:
+            raise callback_error
+        if event is not None:
+            return UpstreamResponse(conn, event) if sent else _early_response(conn, event)
+        if send_error is not None:
+            return await _send_failed(conn, send_error)
+        assert error is not None
+        if isinstance(error, UpstreamClosed) and conn.reused and not conn.got_bytes:
+            raise _Retry from error
+        raise error
 
     async def __aexit__(
         self,
@@ -486,7 +603,8 @@ class ConnectionPool:
 
         `path` is appended to the base URL's path prefix and may include a query string.
         `on_sent()` is called once the whole request is written, before the wait for the
-        response head (again after a transparent retry's send).
+        response head (again after a transparent retry's send; not if an early response cut
+        the send short).
         """
         if self._closed:
             raise PoolClosed(f"connection pool for {self.base_url} is closed")
