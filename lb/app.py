@@ -21,6 +21,7 @@ from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
 from lb.cluster.registry import Registry
 from lb.config import ConfigError, NodeConfig, Settings
+from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.routing.dispatch import Dispatcher
@@ -140,7 +141,7 @@ def build_router(
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
-        admin_key=settings.admin_key,
+        admin_key=settings.admin_key, model_grace=settings.model_grace,
     )
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key
@@ -194,7 +195,9 @@ async def serve(
             ),
             services["scanner"],
         )
-        server = HTTPServer(Router(), server_limits(settings))
+        server = HTTPServer(
+            Router(), server_limits(settings), CorsPolicy.from_setting(settings.cors_origins)
+        )
         server.handler = build_router(settings, registry, server, services, scan, fleet)
 
         async def watch_signals() -> None:

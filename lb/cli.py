@@ -79,9 +79,23 @@ def serve(
 @click.option("--embedding-dim", default=64, type=int, show_default=True)
 @click.option("--fault", default="", help="Node-wide fault, e.g. 'status=503,rate=0.2'")
 @click.option("--name", default="mock", show_default=True)
+@click.option(
+    "--busy-probes", is_flag=True,
+    help="GET /v1/models and /api/tags wait while an answer is being generated "
+    "(llama-cpp-python's single worker)",
+)
+@click.option(
+    "--strict-request-id", is_flag=True,
+    help="Answer a POST whose x-request-id is not a UUID with an empty 400 (llama-cpp-python)",
+)
+@click.option(
+    "--ignore-max-completion-tokens", is_flag=True,
+    help="Only max_tokens limits an answer, not max_completion_tokens (llama-cpp-python)",
+)
 def mock(
     host: str, port: int, models: tuple[str, ...], ttft_ms: float, itl_ms: float, tokens: int,
-    embedding_dim: int, fault: str, name: str,
+    embedding_dim: int, fault: str, name: str, busy_probes: bool, strict_request_id: bool,
+    ignore_max_completion_tokens: bool,
 ) -> None:
     """Run a mock OpenAI-compatible LLM node (for tests, benchmarks and demos)."""
     from lb.testing import MockNode
@@ -94,7 +108,9 @@ def mock(
             _fail(f"--fault={fault!r}: {exc}")
     node = MockNode(
         models=models or ("mock-model",), ttft_ms=ttft_ms, itl_ms=itl_ms, tokens=tokens,
-        embedding_dim=embedding_dim, fault=fault, name=name,
+        embedding_dim=embedding_dim, fault=fault, name=name, busy_probes=busy_probes,
+        strict_request_id=strict_request_id,
+        honours_max_completion_tokens=not ignore_max_completion_tokens,
     )
 
     async def run() -> None:

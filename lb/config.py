@@ -307,6 +307,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_fail_threshold", "HEALTH_FAIL_THRESHOLD", _int(1),
             "Failed probes in a row that mark a node down"),
     Setting("min_healthy_nodes", "MIN_HEALTHY_NODES", _int(0), "/health is 503 below this"),
+    Setting("model_grace", "MODEL_GRACE_SECS", _seconds,
+            "How long a model no node serves any more stays listed (503, not 404)"),
     Setting("redis_url", "REDIS_URL", _redis_url, "Redis for a fleet (redis://host:port/db)"),
     Setting("redis_host", "REDIS_HOST", _text, "Redis host, if REDIS_URL is not given"),
     Setting("redis_port", "REDIS_PORT", _port, "Redis port, with REDIS_HOST"),
@@ -314,6 +316,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_sync_secs", "REDIS_SYNC_SECS", _positive_seconds,
             "How often an instance syncs with the fleet"),
     Setting("admin_key", "LB_ADMIN_KEY", _text, "Bearer key of /v1/admin (empty: disabled)"),
+    Setting("cors_origins", "LB_CORS_ORIGINS", _names,
+            "Origins browsers may call lb from: a comma list, or * (empty: no CORS)"),
     Setting("demo", None, _bool, "Start two mock nodes in the same process"),
 )
 
@@ -355,12 +359,14 @@ class Settings:
     health_check_timeout: float = 5.0
     health_fail_threshold: int = 2
     min_healthy_nodes: int = 1
+    model_grace: float = 600.0
     redis_url: str = ""
     redis_host: str = ""
     redis_port: int = 6379
     redis_prefix: str = "lb:"
     redis_sync_secs: float = 0.5
     admin_key: str = ""
+    cors_origins: tuple[str, ...] = ()
     demo: bool = False
 
     @property

@@ -24,6 +24,7 @@ __all__ = [
     "LocalResourcesExhausted",
     "MethodNotAllowed",
     "ModelNotFound",
+    "ModelUnavailable",
     "NoHealthyNode",
     "NodeNotFound",
     "NotFound",
@@ -32,6 +33,7 @@ __all__ = [
     "RequestTimeout",
     "ShuttingDown",
     "Unauthorized",
+    "UnsupportedMediaType",
     "UpstreamStreamError",
 ]
 
@@ -109,6 +111,11 @@ class PayloadTooLarge(LBError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(LBError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class CapacityExceeded(LBError):
     """Every node that could serve the request is at its concurrency cap (lb's own queue)."""
 
@@ -158,6 +165,16 @@ class UpstreamStreamError(LBError):
 class NoHealthyNode(LBError):
     status = 503
     code = "no_healthy_node"
+
+
+class ModelUnavailable(LBError):
+    """A model lb served until recently has no healthy node right now (busy, restarting)."""
+
+    status = 503
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, param="model", retry_after=retry_after)
 
 
 class LocalResourcesExhausted(LBError):

@@ -152,7 +152,9 @@ async def start_scripted(
 ) -> Running:
     """A node that answers lb's `GET /v1/models` probes properly and hands every other
     request's head to `script` (which reads the body itself, if it wants, with `read_body`)."""
-    listing = json_answer({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+    listing = json_answer(
+        {"object": "list", "data": [{"id": model, "object": "model"} for model in models]}
+    )
 
     async def handle(stream: trio.SocketStream) -> None:
         buffered = bytearray()

@@ -475,3 +475,45 @@ async def test_a_stream_cut_by_the_end_of_a_drain_ends_with_shutting_down(
         sink.drain_scope.cancel()  # what the server does when the drain's grace ends
     assert [type(exc) for exc in raised] == [ShuttingDown]
     assert sink.committed and sink.body == EVENT and a.failures == 0
+
+
+async def test_a_node_that_sent_retry_after_is_not_asked_again_before_it_expires(
+    autojump_clock: Any,
+) -> None:
+    busy = [(b"content-type", b"application/json"), (b"retry-after", b"20")]
+    a, upstream = node(Script(status=429, headers=busy, body=[b"{}"]), Script())
+    d = dispatcher(a)
+    with pytest.raises(RateLimited):
+        await run(d)
+    await trio.sleep(10)
+    with pytest.raises(RateLimited) as caught:  # answered by lb: the node is not asked
+        await run(d)
+    assert caught.value.retry_after == pytest.approx(10.0)
+    assert len(upstream.requests) == 1
+    await trio.sleep(10)
+    assert (await run(d)).body == OK_BODY  # expired: asked again
+    assert a.failures == 0
+
+
+async def test_the_nodes_own_request_id_comes_back_as_x_upstream_request_id(
+    autojump_clock: Any,
+) -> None:
+    a, _ = node(Script(headers=[*JSON, (b"x-request-id", b"node-7")]))
+    sink = await run(dispatcher(a))
+    assert (b"x-upstream-request-id", b"node-7") in sink.headers
+    assert all(key != b"x-request-id" for key, _ in sink.headers)
+
+
+async def test_breaker_openings_and_closings_are_logged(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = node(*[Script(status=500, body=[b"{}"])] * 3, Script())
+    d = dispatcher(a)
+    for _ in range(3):
+        with pytest.raises(AllUpstreamsFailed):
+            await run(d)
+    assert f"breaker of {a.key} opened" in caplog.text
+    await trio.sleep(31)  # half-open: the probe goes through and succeeds
+    await run(d)
+    assert f"breaker of {a.key} closed: request req-1 succeeded" in caplog.text
+    assert "attempt 1 on" in caplog.text and "request req-1" in caplog.text

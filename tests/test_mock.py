@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import httpx
 import openai
 import orjson
 import pytest
 import trio
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lb.cli import main as cli_main
 from lb.testing import FaultSpec, FaultSpecError, MockNode, parse_fault
 from lb.testing.embeddings import cosine, embed, words
 
@@ -44,6 +48,63 @@ async def wait_until(check: Callable[[], bool]) -> None:
     """Poll the node's counters (they have no events to wait on; the caller bounds the time)."""
     while not check():
         await trio.sleep(0.01)
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+async def open_narrow(port: int) -> trio.SocketStream:
+    """A connection with a small receive buffer (set before connecting, which also turns the
+    kernel's autotuning off): an answer of megabytes the client does not read stays unsent in
+    the node's hands, whatever the machine's buffer settings."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+def h11_post(
+    path: str, body: Any, headers: Sequence[tuple[str, str]] = ()
+) -> tuple[h11.Connection, bytes]:
+    """A client-side h11 connection and the bytes of one POST on it (`connection: close`, so
+    that the node closes the connection after its answer)."""
+    data = orjson.dumps(body)
+    client = h11.Connection(h11.CLIENT)
+    wire = client.send(h11.Request(method="POST", target=path, headers=[
+        ("host", "127.0.0.1"), ("content-type", "application/json"),
+        ("content-length", str(len(data))), ("connection", "close"), *headers,
+    ]))
+    wire += client.send(h11.Data(data=data)) + client.send(h11.EndOfMessage())
+    return client, wire
+
+
+async def read_to_eof(stream: trio.SocketStream, received: bytearray) -> bytes:
+    while data := await stream.receive_some(65536):
+        received += data
+    await stream.aclose()
+    return bytes(received)
+
+
+def h11_answer(client: h11.Connection, raw: bytes) -> tuple[int, bytes, bool]:
+    """Status, body and whether the body ended properly, for the bytes received up to EOF."""
+    client.receive_data(raw)
+    client.receive_data(b"")
+    status, body, complete = 0, bytearray(), False
+    try:
+        while True:
+            event = client.next_event()
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                complete = True
+            else:
+                break
+    except h11.RemoteProtocolError:  # the connection ended inside the body
+        complete = False
+    return status, bytes(body), complete
 
 
 # -- API shapes ---------------------------------------------------------------------------------
@@ -313,6 +374,246 @@ async def test_bad_fault_spec_is_a_400_naming_the_item() -> None:
         MockNode(fault="bogus")
 
 
+async def test_retry_after_with_429() -> None:
+    node = MockNode(fault="status=429")
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            url = f"{base}/v1/chat/completions"
+            bare = await http.post(url, json=CHAT)
+            timed = await http.post(
+                url, json=CHAT, headers={"x-mock-fault": "status=429,retry-after=7"}
+            )
+            with pytest.raises(openai.RateLimitError) as caught:
+                await sdk(base).chat.completions.create(
+                    model="mock-model", messages=[{"role": "user", "content": "hi"}],
+                    extra_headers={"x-mock-fault": "retry-after=30,status=429"},
+                )
+    assert bare.status_code == 429 and "retry-after" not in bare.headers
+    assert timed.status_code == 429 and timed.headers.get_list("retry-after") == ["7"]
+    assert timed.json()["error"]["type"] == "rate_limit_error"
+    assert caught.value.response.headers["retry-after"] == "30"
+
+
+@pytest.mark.parametrize("itl_ms", [0, 5])
+async def test_drop_after_done_ends_the_stream_without_the_last_chunk(itl_ms: int) -> None:
+    node = MockNode(tokens=3, itl_ms=itl_ms)
+    stream_body = {**CHAT, "stream": True}
+    with trio.fail_after(10):
+        async with running(node) as base:
+            port = port_of(base)
+            answers = []
+            for fault in ("drop-after-done=1", ""):
+                client, wire = h11_post(
+                    "/v1/chat/completions", stream_body, [("x-mock-fault", fault)]
+                )
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(wire)
+                raw = await read_to_eof(stream, bytearray())
+                answers.append((raw, *h11_answer(client, raw)))
+            # Not a stream: the fault changes nothing.
+            client, wire = h11_post(
+                "/v1/chat/completions", CHAT, [("x-mock-fault", "drop-after-done=1")]
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(wire)
+            plain = h11_answer(client, await read_to_eof(stream, bytearray()))
+    (raw, status, body, complete), (raw_ok, status_ok, body_ok, complete_ok) = answers
+    assert status == status_ok == 200
+    # Every event, [DONE] included, then the connection ends without the `0\r\n\r\n` chunk.
+    events = [e for e in body.split(b"\n\n") if e]
+    assert len(events) == 1 + 3 + 1 + 1 and events[-1] == b"data: [DONE]"
+    assert body.endswith(b"data: [DONE]\n\n") and not complete
+    assert raw.endswith(b"data: [DONE]\n\n\r\n") and not raw.endswith(b"0\r\n\r\n")
+    # Without the fault the same answer ends properly.
+    assert body_ok.endswith(b"data: [DONE]\n\n") and complete_ok
+    assert raw_ok.endswith(b"\r\n0\r\n\r\n")
+    assert plain[0] == 200 and plain[2] and orjson.loads(plain[1])["choices"]
+    assert node.stats.dropped == 1 and node.stats.completed == 2 and node.stats.concurrent == 0
+
+
+# -- quirks of real nodes -----------------------------------------------------------------------
+
+
+GENERATIONS = [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/completions", {"model": "mock-model", "prompt": "say hello"}),
+    ("/v1/embeddings", {"model": "mock-model", "input": "say hello"}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), GENERATIONS)
+async def test_busy_probes_wait_until_no_generation_is_in_flight(
+    path: str, body: dict[str, Any]
+) -> None:
+    node = MockNode(busy_probes=True)
+    answered: list[tuple[int, int]] = []
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+
+            async def probe() -> None:
+                response = await http.get(f"{base}/v1/models")
+                answered.append((response.status_code, node.stats.disconnects))
+
+            async with trio.open_nursery() as nursery:
+                generation = trio.CancelScope()
+
+                async def generate() -> None:
+                    with generation:
+                        await http.post(
+                            f"{base}{path}", json=body, headers={"x-mock-fault": "hang"}
+                        )
+
+                nursery.start_soon(generate)
+                await wait_until(lambda: node.stats.concurrent == 1)
+                for probed in ("/v1/models", "/api/tags"):
+                    with pytest.raises(httpx.TimeoutException):
+                        await http.get(f"{base}{probed}", timeout=0.2)
+                assert (await http.get(f"{base}/health")).status_code == 200
+                await wait_until(lambda: node.stats.disconnects == 2)  # the probes that gave up
+                nursery.start_soon(probe)
+                await wait_until(lambda: node.stats.concurrent == 2)
+                assert answered == []
+                generation.cancel()  # its client leaves: the generation ends
+            tags = await http.get(f"{base}/api/tags")
+    # The waiting probe answered, and only once the generation had ended.
+    assert answered == [(200, 3)]
+    assert tags.status_code == 200
+    assert node.stats.concurrent == 0
+
+
+async def test_busy_probes_wait_for_a_stream_to_end() -> None:
+    node = MockNode(busy_probes=True)
+    answered: list[tuple[int, int]] = []
+    # About 15 MB of events, far more than the kernel buffers can hold while the client reads
+    # nothing: the node is still writing the answer until the client reads it all.
+    client, wire = h11_post(
+        "/v1/chat/completions", {**CHAT, "stream": True}, [("x-mock-fault", "tokens=100000")]
+    )
+    with trio.fail_after(20):
+        async with running(node) as base, httpx.AsyncClient() as http:
+
+            async def probe() -> None:
+                response = await http.get(f"{base}/v1/models")
+                answered.append((response.status_code, node.stats.completed))
+
+            async with trio.open_nursery() as nursery:
+                stream = await open_narrow(port_of(base))
+                await stream.send_all(wire)
+                received = bytearray()
+                while b"\r\n\r\n" not in received:  # the head, and the first events
+                    received += await stream.receive_some(65536)
+                assert received.startswith(b"HTTP/1.1 200 ")
+                assert node.stats.concurrent == 1 and node.stats.completed == 0
+                with pytest.raises(httpx.TimeoutException):
+                    await http.get(f"{base}/v1/models", timeout=0.2)
+                await wait_until(lambda: node.stats.disconnects == 1)
+                nursery.start_soon(probe)
+                await wait_until(lambda: node.stats.concurrent == 2)
+                assert answered == []
+                raw = await read_to_eof(stream, received)
+    status, body, complete = h11_answer(client, raw)
+    assert status == 200 and complete and body.endswith(b"data: [DONE]\n\n")
+    # The probe answered after the stream was complete (which counts before the probe does).
+    assert answered == [(200, 2)]
+
+
+async def test_probes_answer_during_a_generation_by_default() -> None:
+    node = MockNode()
+    with trio.fail_after(10):
+        async with (
+            running(node) as base, httpx.AsyncClient() as http, trio.open_nursery() as nursery
+        ):
+
+            async def generate() -> None:
+                await http.post(
+                    f"{base}/v1/chat/completions", json=CHAT, headers={"x-mock-fault": "hang"}
+                )
+
+            nursery.start_soon(generate)
+            await wait_until(lambda: node.stats.concurrent == 1)
+            models = await http.get(f"{base}/v1/models", timeout=5)
+            tags = await http.get(f"{base}/api/tags", timeout=5)
+            nursery.cancel_scope.cancel()
+    assert models.status_code == 200 and tags.status_code == 200
+
+
+async def test_strict_request_id_refuses_ids_that_are_not_uuids() -> None:
+    strict, lenient = MockNode(strict_request_id=True), MockNode()
+    good = str(uuid.uuid4())
+    with trio.fail_after(10):
+        async with running(strict) as base, running(lenient) as other, httpx.AsyncClient() as http:
+            url = f"{base}/v1/chat/completions"
+            refused = await http.post(url, json=CHAT, headers={"x-request-id": "trace-42"})
+            embeddings = await http.post(
+                f"{base}/v1/embeddings", json={"model": "mock-model", "input": "x"},
+                headers={"x-request-id": "not-a-uuid"},
+            )
+            accepted = await http.post(url, json=CHAT, headers={"x-request-id": good})
+            no_id = await http.post(url, json=CHAT)
+            probe = await http.get(f"{base}/v1/models", headers={"x-request-id": "trace-42"})
+            elsewhere = await http.post(
+                f"{other}/v1/chat/completions", json=CHAT, headers={"x-request-id": "trace-42"}
+            )
+            seen = (await http.get(f"{base}/mock/requests")).json()
+    for response in (refused, embeddings):
+        assert response.status_code == 400
+        assert response.content == b"" and response.headers["content-length"] == "0"
+    assert accepted.status_code == 200 and accepted.json()["choices"]
+    assert no_id.status_code == 200 and probe.status_code == 200
+    assert elsewhere.status_code == 200
+    assert strict.stats.errors == 2 and strict.stats.completed == 5
+    assert seen[0]["headers"]["x-request-id"] == "trace-42"  # refused, but recorded
+
+
+async def test_max_completion_tokens_honoured_or_ignored() -> None:
+    honours, ignores = MockNode(tokens=8), MockNode(tokens=8, honours_max_completion_tokens=False)
+    limits: list[dict[str, Any]] = [
+        {"max_completion_tokens": 2}, {"max_tokens": 3},
+        {"max_completion_tokens": 2, "max_tokens": 5},
+    ]
+
+    async def lengths(node: MockNode) -> list[tuple[int, str]]:
+        async with running(node) as base, httpx.AsyncClient() as http:
+            out = []
+            for limit in limits:
+                answer = (await http.post(
+                    f"{base}/v1/chat/completions", json={**CHAT, **limit}
+                )).json()
+                out.append((
+                    answer["usage"]["completion_tokens"], answer["choices"][0]["finish_reason"]
+                ))
+            text = (await http.post(f"{base}/v1/completions", json={
+                "model": "mock-model", "prompt": "x", "max_completion_tokens": 1,
+            })).json()
+            out.append((text["usage"]["completion_tokens"], text["choices"][0]["finish_reason"]))
+            return out
+
+    with trio.fail_after(10):
+        honoured, ignored = await lengths(honours), await lengths(ignores)
+    assert honoured == [(2, "length"), (3, "length"), (2, "length"), (1, "length")]
+    assert ignored == [(8, "stop"), (3, "length"), (5, "length"), (8, "stop")]
+
+
+def test_mock_command_passes_the_quirk_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[MockNode] = []
+
+    async def serve(self: MockNode, host: str, port: int, *, task_status: Any) -> None:
+        made.append(self)
+        task_status.started(port)
+
+    monkeypatch.setattr(MockNode, "serve", serve)
+    runner = CliRunner()
+    plain = runner.invoke(cli_main, ["mock", "--port", "1"])
+    quirky = runner.invoke(cli_main, [
+        "mock", "--port", "2", "--busy-probes", "--strict-request-id",
+        "--ignore-max-completion-tokens",
+    ])
+    assert plain.exit_code == 0 and quirky.exit_code == 0, (plain.output, quirky.output)
+    assert "listening on http://127.0.0.1:2" in quirky.output
+    options = [(n.busy_probes, n.strict_request_id, n.honours_max_completion_tokens) for n in made]
+    assert options == [(False, False, True), (True, True, False)]
+
+
 # -- counters and recording ---------------------------------------------------------------------
 
 
@@ -337,6 +638,36 @@ async def test_stats_reset_and_recorded_requests() -> None:
     assert seen[-1]["body"]["model"] == "mock-model"
     assert seen[-1]["headers"]["x-trace"] == "t1"
     assert after["requests"] == 0 and after["by_path"] == {} and seen_after == []
+
+
+async def test_recorded_headers_are_as_received() -> None:
+    node = MockNode()
+    request_id = str(uuid.uuid4())
+    client, wire = h11_post("/v1/chat/completions", CHAT, [
+        ("X-Trace", "t1"), ("x-request-id", request_id), ("x-dup", "b"), ("x-dup", "a, c"),
+        ("authorization", "Bearer  k"),
+    ])
+    with trio.fail_after(10):
+        async with running(node) as base, httpx.AsyncClient() as http:
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(base))
+            await stream.send_all(wire)
+            status, _, _ = h11_answer(client, await read_to_eof(stream, bytearray()))
+            probe = await http.get(f"{base}/v1/models", headers={"x-probe": "1"})
+            seen = (await http.get(f"{base}/mock/requests")).json()
+    assert status == 200 and probe.status_code == 200
+    chat, models = seen
+    assert chat["raw_headers"] == [
+        ["host", "127.0.0.1"], ["content-type", "application/json"],
+        ["content-length", str(len(orjson.dumps(CHAT)))], ["connection", "close"],
+        ["x-trace", "t1"], ["x-request-id", request_id], ["x-dup", "b"], ["x-dup", "a, c"],
+        ["authorization", "Bearer  k"],
+    ]
+    assert chat["headers"]["x-request-id"] == request_id
+    assert chat["headers"]["x-dup"] == "b, a, c"
+    assert chat["headers"]["authorization"] == "Bearer  k"
+    assert (models["method"], models["path"], models["headers"]["x-probe"]) == (
+        "GET", "/v1/models", "1"
+    )
 
 
 async def test_max_concurrent_with_slow_requests() -> None:
@@ -378,6 +709,7 @@ specs = st.builds(
     rate=st.floats(0, 1, allow_nan=False),
     hang=st.booleans(),
     drop_after=st.none() | st.integers(0, 1000),
+    drop_after_done=st.booleans(),
     ttft_ms=st.none() | st.floats(0, 1e6, allow_nan=False),
     itl_ms=st.none() | st.floats(0, 1e6, allow_nan=False),
     tokens=st.none() | st.integers(0, 100_000),
@@ -419,7 +751,14 @@ def test_fault_parser_examples() -> None:
     assert parse_fault("drop_after=2, TTFT-MS=5") == FaultSpec(drop_after=2, ttft_ms=5.0)
     assert parse_fault("").empty and parse_fault("rate=0.5").empty
     assert not parse_fault("tokens=1").empty
-    for bad in ("status=200", "rate=1.5", "tokens=-1", "x", "status=500,status=502", "itl-ms=inf"):
+    assert parse_fault("drop_after_done=1") == FaultSpec(drop_after_done=True)
+    assert parse_fault("drop-after=3,drop-after-done=0") == FaultSpec(drop_after=3)
+    assert not parse_fault("drop-after-done=yes").empty
+    assert FaultSpec(drop_after_done=True).format() == "drop-after-done=1"
+    for bad in (
+        "status=200", "rate=1.5", "tokens=-1", "x", "status=500,status=502", "itl-ms=inf",
+        "drop-after-done=2", "drop-after-done",
+    ):
         with pytest.raises(FaultSpecError) as caught:
             parse_fault(bad)
         assert caught.value.item in bad

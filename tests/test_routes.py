@@ -49,7 +49,12 @@ async def test_exact_beats_patterns_and_head_uses_get() -> None:
     assert b'"route":"list"' in await route("HEAD", "/v1/models")
 
 
-@pytest.mark.parametrize("path", ["/v1/models/", "/v1/things//parts", "/v1/things/x", "/nope"])
+async def test_paths_without_v1_or_with_a_trailing_slash_find_their_route() -> None:
+    for path in ("/models", "/models/", "/v1/models/"):
+        assert b'"route":"list"' in await route("GET", path), path
+
+
+@pytest.mark.parametrize("path", ["/v1/things//parts", "/v1/things/x", "/nope", "/v1/nope/"])
 async def test_unknown_is_404(path: str) -> None:
     with pytest.raises(LBError) as caught:
         await route("GET", path)

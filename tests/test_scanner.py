@@ -235,6 +235,39 @@ def test_apply_follows_health_and_models() -> None:
     assert registry.models() == ["m", "n"]
 
 
+def test_a_busy_node_misses_probes_without_going_down() -> None:
+    """Passive health: failed probes of a node with requests in flight, or that answered one
+    since about the last probe, do not count."""
+    settings = Settings(health_fail_threshold=1, scan_interval=10, health_check_timeout=5)
+    registry = Registry()
+    apply(registry, [_seen("http://b:2", True, "m")], settings=settings, now=100)
+    node = registry.nodes["b:2"]
+    token = object()
+    node.limiter.acquire_on_behalf_of_nowait(token)  # a request in flight
+    apply(registry, [_seen("http://b:2", False)], settings=settings, now=110)
+    assert node.healthy and node.probe_failures == 0
+    node.limiter.release_on_behalf_of(token)
+    node.last_answer = 112  # it answered a request since the last probe
+    apply(registry, [_seen("http://b:2", False)], settings=settings, now=120)
+    assert node.healthy
+    apply(registry, [_seen("http://b:2", False)], settings=settings, now=140)  # idle, silent
+    assert not node.healthy and registry.serving("m") == []
+
+
+def test_models_of_a_node_that_went_down_are_gone_not_unknown() -> None:
+    settings = Settings(health_fail_threshold=1)
+    registry = Registry()
+    apply(registry, [_seen("http://b:2", True, "m", "n")], settings=settings, now=0)
+    apply(registry, [_seen("http://b:2", True, "m")], settings=settings, now=1)
+    assert registry.gone_models(now=1, grace=600) == {}  # unloaded on a healthy node: gone
+    apply(registry, [_seen("http://b:2", False)], settings=settings, now=2)
+    assert set(registry.gone_models(now=2, grace=600)) == {"m"}  # its node went down
+    assert registry.gone_models(now=700, grace=600) == {}  # the grace ran out
+    apply(registry, [_seen("http://b:2", False)], settings=settings, now=701)
+    apply(registry, [_seen("http://b:2", True, "m")], settings=settings, now=702)
+    assert registry.models() == ["m"] and registry.gone_models(now=702, grace=600) == {}
+
+
 def test_apply_keeps_configured_nodes_that_never_answer() -> None:
     settings = Settings(nodes=(NodeConfig("http://a:1/prefix"),))
     from lb.app import build_registry
@@ -393,11 +426,15 @@ async def test_node_leaves_after_threshold_and_returns_on_first_good_probe(
                 break
             await trio.sleep(0.02)
         assert seen["discovered"] and seen["last_error"].startswith("probe: ")
-        assert "only-here" not in await models_of(lb)
         async with httpx.AsyncClient() as client:
+            listed = (await client.get(f"{lb.url}/v1/models/only-here")).json()
+            assert listed["available"] is False  # listed, unavailable, for MODEL_GRACE_SECS
             answer = await client.post(f"{lb.url}/v1/chat/completions",
                                        json={"model": "only-here", **CHAT})
-            assert answer.status_code == 404  # no healthy node serves it any more
+            # No healthy node serves it right now: 503 with Retry-After, which SDKs retry.
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "model_unavailable"
+            assert answer.headers["retry-after"] == "1"
             for _ in range(4):  # and the shared model goes to the node that is up
                 answer = await client.post(f"{lb.url}/v1/chat/completions",
                                            json={"model": MODEL, **CHAT})

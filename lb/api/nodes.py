@@ -35,28 +35,54 @@ def _model_entry(model: str, registry: Registry) -> dict[str, object]:
     }
 
 
+def _gone_entry(model: str, since: float, now: float, grace: float) -> dict[str, object]:
+    """A model no healthy node serves right now, still listed for `grace` seconds."""
+    return {
+        "id": model,
+        "object": "model",
+        "created": CREATED,
+        "owned_by": "lb",
+        "nodes": [],
+        "available": False,
+        "unavailable_for_secs": round(now - since, 1),
+        "listed_for_secs": round(since + grace - now, 1),
+    }
+
+
 def add_routes(
     router: Router,
     registry: Registry,
     min_healthy: int,
     fleet_status: Callable[[], dict[str, object]] | None = None,
     admin_key: str = "",
+    model_grace: float = 600.0,
 ) -> None:
+    def gone() -> dict[str, dict[str, object]]:
+        now = trio.current_time()
+        return {
+            model: _gone_entry(model, since, now, model_grace)
+            for model, since in registry.gone_models(now, model_grace).items()
+        }
+
     async def list_models(request: Request) -> Response:
         data = [_model_entry(model, registry) for model in registry.models()]
+        data += sorted(gone().values(), key=lambda entry: str(entry["id"]))
         return Response.json({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
         model = request.path_params["model"]
-        if not registry.serving(model):
+        if registry.serving(model):
+            return Response.json(_model_entry(model, registry))
+        entry = gone().get(model)
+        if entry is None:
             raise ModelNotFound(f"The model '{model}' does not exist")
-        return Response.json(_model_entry(model, registry))
+        return Response.json(entry)
 
     async def list_nodes(request: Request) -> Response:
         require_admin_if_set(request, admin_key)
         now = trio.current_time()
         nodes = [node.describe(now, registry.fleet_cap(node)) for node in registry.nodes.values()]
-        return Response.json({"nodes": nodes})
+        return Response.json({"nodes": nodes, "unavailable_models": gone()})
 
     async def eligible_nodes(request: Request) -> Response:
         require_admin_if_set(request, admin_key)

@@ -30,8 +30,9 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
     "/v1/embeddings": ("embedding", "input"),
 }
 # Not sent on to the node: one hop's headers; lb says the body's type itself (it parsed it as
-# JSON); compressed answers could not be spliced; lb sends its own x-request-id.
-_NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id"}
+# JSON); compressed answers could not be spliced; lb sends its own x-request-id; a browser's
+# cookies for lb's origin are none of a node's business.
+_NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id", b"cookie"}
 _JSON = (b"content-type", b"application/json")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # A session id is hashed and may be logged: visible ASCII only.
@@ -84,12 +85,18 @@ def route_request(
             code="invalid_header", param="x-session-id",
         )
     forced = request.query_params().get("node") if request.query else None
+    raw = request.body
+    if "max_completion_tokens" in body and "max_tokens" not in body:
+        # llama-cpp-python and older servers know only max_tokens and would generate without
+        # a limit; only then is the body re-serialised.
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+        raw = orjson.dumps(body)
     return RouteRequest(
         model=body["model"],
         kind=kind,
         stream=stream,
         body=body,
-        raw=request.body,
+        raw=raw,
         request_id=request.request_id,
         arrival=trio.current_time(),
         budget=_budget(request),

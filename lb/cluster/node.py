@@ -33,6 +33,8 @@ class Node:
     probe_failures: int = 0  # failed probes in a row
     api: str = ""  # what answered the last good probe: "openai" (/v1/models) or "ollama"
     maxconn: int = 0  # the configured fleet-wide cap (0 = none); the limiter holds our share
+    busy_until: float = 0.0  # it answered 429 with Retry-After: not asked again before this
+    last_answer: float = -math.inf  # when it last answered a request well (passive health)
 
     @classmethod
     def create(

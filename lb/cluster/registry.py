@@ -15,10 +15,19 @@ from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
 
 
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # built outside trio (tests, tools): no model has gone yet
+        return 0.0
+
+
 class Registry:
     def __init__(self, nodes: Iterable[Node] = (), prefs: Prefs | None = None) -> None:
         self.nodes: dict[str, Node] = {}
         self.prefs = prefs or Prefs()
+        # Models no healthy node serves any more -> when the last one stopped (trio clock).
+        self._gone: dict[str, float] = {}
         # Breakers this instance saw open since the fleet last synced: node -> open until.
         self._opened: dict[str, float] = {}
         self._by_model: dict[str, list[Node]] = {}
@@ -44,18 +53,28 @@ class Registry:
         new_models = node.models if models is None else tuple(models)
         if new_models == node.models and healthy == node.healthy:
             return
+        went_down = node.healthy and not healthy
         node.models = new_models
         node.healthy = healthy
-        self._reindex()
+        self._reindex(went_down)
 
-    def _reindex(self) -> None:
+    def _reindex(self, went_down: bool = False) -> None:
+        """Rebuild the model index. Models that lose their last node because it went down are
+        remembered as gone; a model a healthy node stopped listing is simply no more."""
         by_model: dict[str, list[Node]] = {}
         for node in self.nodes.values():
             if node.healthy:
                 for model in node.models:
                     by_model.setdefault(model, []).append(node)
+        counts = {model: len(nodes) for model, nodes in by_model.items()}
+        if went_down:
+            now = _now()
+            for model in self._counts.keys() - counts.keys():
+                self._gone[model] = now
+        for model in counts.keys() & self._gone.keys():
+            del self._gone[model]
         self._by_model = by_model
-        self._counts = {model: len(nodes) for model, nodes in by_model.items()}
+        self._counts = counts
 
     def healthy_nodes(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.healthy]
@@ -70,6 +89,13 @@ class Registry:
 
     def models(self) -> list[str]:
         return sorted(self._counts)
+
+    def gone_models(self, now: float, grace: float) -> dict[str, float]:
+        """Models served until less than `grace` seconds ago, with when they went (a busy or
+        restarting node's models stay known for a while: 503 and listed, not 404)."""
+        for model in [m for m, since in self._gone.items() if now - since >= grace]:
+            del self._gone[model]
+        return dict(self._gone)
 
     def fleet_cap(self, node: Node) -> int:
         """The node's cap over the whole fleet: an admin override, else the configured one."""

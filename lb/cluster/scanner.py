@@ -271,9 +271,22 @@ async def scan_once(
 # --- applying --------------------------------------------------------------------------------
 
 
-def apply(registry: Registry, observations: Iterable[Observation], *, settings: Settings) -> None:
-    """Observations -> the registry's nodes, their models and their health."""
+def apply(
+    registry: Registry, observations: Iterable[Observation], *, settings: Settings,
+    now: float | None = None,
+) -> None:
+    """Observations -> the registry's nodes, their models and their health.
+
+    Passive health: a failed probe of a node that has requests in flight, or answered one since
+    about the last probe, is not counted — single-slot servers (llama-cpp-python, LM Studio)
+    leave `/v1/models` unanswered while they generate, and a busy node is not a dead one."""
     threshold = settings.health_fail_threshold
+    if now is None:
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio (tools, tests): no request can be in flight
+            now = 0.0
+    recently = now - settings.scan_interval - settings.health_check_timeout
     for seen in observations:
         node = registry.nodes.get(seen.key)
         if node is None:
@@ -291,6 +304,9 @@ def apply(registry: Registry, observations: Iterable[Observation], *, settings: 
             log.info("discovered node %s is another lb; removed", node.key)
             continue
         was_healthy = node.healthy
+        if not seen.ok and was_healthy and (node.inflight or node.last_answer > recently):
+            log.debug("node %s missed a probe while serving requests: %s", node.key, seen.error)
+            continue
         health = ProbeHealth(node.healthy, node.probe_failures).after(seen.ok, threshold)
         node.probe_failures = health.failures
         if seen.ok:

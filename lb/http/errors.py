@@ -23,6 +23,7 @@ _TYPE_BY_STATUS = {
     405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
     502: "upstream_error",

@@ -38,7 +38,7 @@ class Router:
         return None
 
     async def __call__(self, request: Request) -> Response:
-        found = self._match(request.path)
+        found = self._match(request.path) or self._match_leniently(request.path)
         if found is None:
             raise NotFound(f"Unknown path: {request.path}")
         methods, params = found
@@ -52,6 +52,18 @@ class Router:
             )
         request.path_params = params
         return await handler(request)
+
+
+    def _match_leniently(
+        self, path: str
+    ) -> tuple[dict[str, Handler], dict[str, str]] | None:
+        """Many clients are configured with a base URL without `/v1`, or add a slash: `/models`,
+        `/chat/completions/` and `/v1/models/` find their routes too."""
+        stripped = path.rstrip("/") or "/"
+        found = self._match(stripped) if stripped != path else None
+        if found is None and not stripped.startswith("/v1/"):
+            found = self._match("/v1" + stripped)
+        return found
 
 
 def _bind(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:

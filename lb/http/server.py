@@ -24,12 +24,15 @@ h11 parser or tasks of its own; `HTTPServer.rejected_connections` counts them. F
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import http
 import itertools
 import logging
 import os
 import re
 import resource
 import select
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -40,8 +43,10 @@ import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule, wait_task_rescheduled
 
 from lb.errors import BadRequest, InternalError, LBError, PayloadTooLarge, RequestTimeout
+from lb.http import encoding
+from lb.http.cors import CorsPolicy
 from lb.http.errors import error_body, error_headers
-from lb.http.types import ClientGone, Handler, Headers, Request
+from lb.http.types import ClientGone, Handler, Headers, Request, Response
 
 log = logging.getLogger("lb.http")
 
@@ -268,9 +273,12 @@ def _hangup_watch(fd: int) -> select.epoll | None:
 class HTTPServer:
     """Serves `handler` on listeners until drained."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self, handler: Handler, limits: ServerLimits | None = None, cors: CorsPolicy | None = None
+    ) -> None:
         self.handler = handler
         self.limits = limits or ServerLimits()
+        self.cors = cors
         self.draining = False
         self.drain_deadline: float | None = None
         # Client connections being served, the most at once (set by serve(), 0: no limit), and
@@ -519,6 +527,11 @@ class HTTPServer:
                 break
             elif isinstance(event, h11.ConnectionClosed):
                 raise _ClientGone
+        body = b"".join(chunks)
+        coding = _header(headers, b"content-encoding")
+        if coding is not None:  # decoded here, so the handler and the nodes see plain JSON
+            body = await encoding.decode_off_loop(body, coding, max_body)
+            headers = [item for item in headers if item[0] != b"content-encoding"]
         target = head.target.decode("latin-1")
         path, _, query = target.partition("?")
         return Request(
@@ -526,7 +539,7 @@ class HTTPServer:
             path=path,
             query=query,
             headers=headers,
-            body=b"".join(chunks),
+            body=body,
             client=conn.client,
         )
 
@@ -561,7 +574,10 @@ class HTTPServer:
         try:
             request.request_id = self._request_id(request)
             sink.tag(b"x-request-id", request.request_id.encode())
-            response = await self.handler(request)
+            if self.cors is not None and (preflight := self._cors(sink, request)) is not None:
+                response = preflight
+            else:
+                response = await self.handler(request)
             if response.stream is None:
                 body = response.body
                 sink.head(response.status, [*response.headers, _content_length(body)])
@@ -583,6 +599,18 @@ class HTTPServer:
             body = error_body(error)
             sink.head(error.status, error_headers(error, body))
         await sink.end(body)
+
+    def _cors(self, sink: _Sink, request: Request) -> Response | None:
+        """Tag an allowed origin's answer; a preflight's answer, if this is one."""
+        assert self.cors is not None
+        allowed = self.cors.allow(request.header(b"origin"))
+        if allowed is None:
+            return None
+        for name, value in self.cors.tags(allowed):
+            sink.tag(name, value)
+        if request.method == "OPTIONS" and request.header(b"access-control-request-method"):
+            return self.cors.preflight(request)
+        return None
 
     def _request_id(self, request: Request) -> str:
         """The client's x-request-id if it is safe to echo and log, else a new one; a bad one is
@@ -608,11 +636,14 @@ class HTTPServer:
         headers = [
             *error_headers(error, body),
             (b"x-request-id", self.new_request_id().encode()),
+            (b"date", _http_date()),
             (b"connection", b"close"),
         ]
         try:
             await conn.send(
-                h11.Response(status_code=error.status, headers=headers),
+                h11.Response(
+                    status_code=error.status, headers=headers, reason=_reason(error.status)
+                ),
                 None if head_only else h11.Data(data=body),
                 h11.EndOfMessage(),
             )
@@ -652,7 +683,7 @@ class _Sink:
     async def send(self, data: bytes) -> None:
         parser = self._conn.h11
         if not self.committed:
-            out = parser.send(h11.Response(status_code=self._status, headers=self._head()))
+            out = parser.send(self._response())
             self.committed = True
             if data and not self._head_only:
                 out += parser.send(h11.Data(data=data))
@@ -674,7 +705,7 @@ class _Sink:
         parser = self._conn.h11
         out = b""
         if not self.committed:
-            out = parser.send(h11.Response(status_code=self._status, headers=self._head()))
+            out = parser.send(self._response())
             self.committed = True
         if data and not self._head_only:
             out += parser.send(h11.Data(data=data))
@@ -682,16 +713,51 @@ class _Sink:
         if out:
             await self._conn.write(out)
 
-    def _head(self) -> Headers:
-        """The recorded headers without any lb sets itself, then lb's; while draining, the
-        connection closes after this answer."""
+    def _response(self) -> h11.Response:
+        """The recorded head without the headers lb sets itself, then lb's (and a Date, if the
+        answer has none); while draining, the connection closes after this answer."""
         tags = self._tags
         names = [key for key, _ in tags]
-        headers = [item for item in self._headers if item[0] not in names]
+        has_date = False
+        headers = []
+        for item in self._headers:
+            if item[0] not in names:
+                headers.append(item)
+                has_date = has_date or item[0] == b"date"
         headers += tags
+        if not has_date:
+            headers.append((b"date", _http_date()))
         if self._server.draining:
             headers.append((b"connection", b"close"))
-        return headers
+        return h11.Response(status_code=self._status, headers=headers, reason=_reason(self._status))
+
+
+def _reason(status: int) -> bytes:
+    """The status line's reason phrase (`200 OK`, not `200 `): some clients print or check it."""
+    try:
+        return _REASONS[status]
+    except KeyError:
+        return b""
+
+
+_REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """The Date header's value, formatted at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _content_length(body: bytes) -> tuple[bytes, bytes]:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 import random
 import re
+from collections.abc import Sequence
 
 import attrs
 import orjson
@@ -33,7 +35,10 @@ from lb.errors import (
     AttemptFailure,
     CapacityExceeded,
     DeadlineExceeded,
+    LBError,
     LocalResourcesExhausted,
+    ModelNotFound,
+    ModelUnavailable,
     NodeNotFound,
     NoHealthyNode,
     RateLimited,
@@ -62,6 +67,9 @@ MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 # How much of a node's error answer is read to quote its own words to the client.
 MAX_ERROR_QUOTE = 200
 CAPACITY_RETRY_AFTER = 1.0
+# A node's Retry-After keeps it out of routing for at most this long (a misconfigured node
+# must not take itself out for a day).
+MAX_RETRY_AFTER = 300.0
 
 # The OpenAI dialect's path for each kind of request (the Dialect seam takes this over).
 PATHS: dict[ModelKind, str] = {
@@ -116,11 +124,15 @@ class Dispatcher:
 
     def plan(self, intent: RouteRequest) -> Plan:
         """Resolve the model and order the nodes that may take the request (no I/O)."""
-        model = resolve_model(
-            intent.model, self.registry.model_counts(), kind=intent.kind,
-            sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
-            prefer_small=intent.prefer_small,
-        )
+        try:
+            model = resolve_model(
+                intent.model, self.registry.model_counts(), kind=intent.kind,
+                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
+                prefer_small=intent.prefer_small,
+            )
+        except ModelNotFound:
+            self._unavailable(intent)
+            raise
         raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
         budget = self.settings.request_timeout
         if intent.budget is not None:
@@ -133,7 +145,7 @@ class Dispatcher:
         now = trio.current_time()
         open_nodes = [node for node in nodes if blocked(node, now) is None]
         if not open_nodes:
-            raise NoHealthyNode(f"No healthy node serves model {model} right now")
+            raise _nobody_serves(model, nodes, now)
         candidates = strategies.order(
             self.strategy, open_nodes, counter=next(self._counter), rng=self._rng,
             session=intent.session,
@@ -150,6 +162,18 @@ class Dispatcher:
             headers=intent.headers,
             max_attempts=1 if intent.node else 1 + self.settings.max_retries,
         )
+
+    def _unavailable(self, intent: RouteRequest) -> None:
+        """A model served until recently is 503 with Retry-After, not 404: its node is busy or
+        restarting, and SDKs retry a 503 but take a 404 for "no such model"."""
+        gone = self.registry.gone_models(trio.current_time(), self.settings.model_grace)
+        sentinel = intent.model.lower() in self.sentinels
+        if intent.model in gone or (sentinel and gone and not self.registry.model_counts()):
+            raise ModelUnavailable(
+                f"The model '{intent.model}' is unavailable right now: no healthy node serves "
+                "it (busy or restarting); retry shortly",
+                retry_after=max(1.0, self.settings.scan_interval),
+            )
 
     async def execute(self, intent: RouteRequest, sink: ResponseSink) -> None:
         """Answer `intent` through `sink` (see the module docstring for what is raised)."""
@@ -241,7 +265,7 @@ class _Run:
     def _give_up(self) -> None:
         model = self.plan.model
         if not self.failures:
-            raise NoHealthyNode(f"No healthy node serves model {model} right now")
+            raise _nobody_serves(model, self.plan.candidates, trio.current_time())
         if len(self.busy_for) == len(self.failures):  # every node asked said 429
             raise RateLimited(
                 f"Every node serving {model} is rate limiting requests; retry later",
@@ -315,7 +339,11 @@ class _Run:
                             return answer
                         if self.sink.committed:
                             raise UpstreamStreamError(f"Node {node.key} {reason}")
-                        raise _AttemptFailed(reason, busy_for=self._busy_for(up, outcome))
+                        busy_for = 0.0
+                        if outcome is Outcome.BUSY:  # not asked again before its Retry-After
+                            busy_for = _retry_after(up.headers)
+                            node.busy_until = max(node.busy_until, trio.current_time() + busy_for)
+                        raise _AttemptFailed(reason, busy_for=busy_for)
                 except LocalResourceError as exc:
                     log.error("request %s: lb cannot open a connection: %s", plan.request_id, exc)
                     raise LocalResourcesExhausted(
@@ -354,7 +382,7 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
-        headers = [item for item in up.headers if item[0] not in HOP_BY_HOP]
+        headers = _from_node(up.headers)
         if status == 200 and _is_event_stream(up.headers):
             self.sink.head(status, headers)
             outcome, reason = await self._pump(up, scope)
@@ -418,21 +446,14 @@ class _Run:
             await self.sink.send(b"\n\n")
             self.writing = False
 
-    def _busy_for(self, up: UpstreamResponse, outcome: Outcome) -> float:
-        if outcome is not Outcome.BUSY:
-            return 0.0
-        for key, value in up.headers:
-            if key == b"retry-after":
-                try:
-                    return max(1.0, float(value))
-                except ValueError:
-                    break
-        return CAPACITY_RETRY_AFTER
-
     def _record(self, node: Node, outcome: Outcome, reason: str) -> None:
         now = trio.current_time()
         breaker = node.breaker
         if outcome is Outcome.SUCCESS:
+            node.last_answer = now
+            if breaker.open_until() is not None:
+                log.warning("breaker of %s closed: request %s succeeded", node.key,
+                            self.plan.request_id)
             breaker.record_success(now)
         elif outcome is Outcome.FAILURE and node.key not in self.failed:
             self.failed.add(node.key)  # one bad request is not an outage: once per node
@@ -450,6 +471,45 @@ class _Run:
                 self.dispatcher.registry.breaker_opened(node, until)
         else:
             breaker.release_probe()
+
+
+def _nobody_serves(model: str, nodes: Sequence[Node], now: float) -> LBError:
+    """Why no node can take a request now: the nodes' own rate limits (429, until the first
+    Retry-After runs out), else no healthy node (503)."""
+    busy = [node.busy_until - now for node in nodes if node.busy_until > now]
+    if busy:
+        return RateLimited(
+            f"Every node serving {model} is rate limiting requests; retry later",
+            retry_after=min(busy),
+        )
+    return NoHealthyNode(f"No healthy node serves model {model} right now")
+
+
+def _from_node(headers: Headers) -> Headers:
+    """The node's end-to-end headers; its own request id is kept as x-upstream-request-id (the
+    client gets exactly one x-request-id: its own, or lb's)."""
+    kept = []
+    for item in headers:
+        name = item[0]
+        if name in HOP_BY_HOP:
+            continue
+        if name == b"x-request-id":
+            item = (b"x-upstream-request-id", item[1])
+        kept.append(item)
+    return kept
+
+
+def _retry_after(headers: Headers) -> float:
+    """A 429's Retry-After in seconds (lb's own second when it sent none, or a date)."""
+    for key, value in headers:
+        if key == b"retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                break
+            if math.isfinite(seconds):
+                return min(max(1.0, seconds), MAX_RETRY_AFTER)
+    return CAPACITY_RETRY_AFTER
 
 
 def _is_event_stream(headers: Headers) -> bool:

@@ -14,6 +14,7 @@ class Reason(enum.StrEnum):
     DRAINING = "draining"
     MODEL_MISSING = "model_missing"
     BREAKER_OPEN = "breaker_open"
+    RATE_LIMITED = "rate_limited"
     AT_CAPACITY = "at_capacity"
 
 
@@ -26,6 +27,8 @@ def blocked(node: Node, now: float) -> Reason | None:
         return Reason.DRAINING
     if not node.breaker.allows(now):
         return Reason.BREAKER_OPEN
+    if node.busy_until > now:
+        return Reason.RATE_LIMITED
     return None
 
 

@@ -8,6 +8,9 @@ A spec is a comma-separated list of `key=value` items, the same grammar node-wid
     hang=1            accept the request and never answer until the client goes away
     drop-after=N      streams: close the connection abruptly after N SSE events;
                       non-stream: close without an answer body when N=0
+    drop-after-done=1 streams: send every event, `data: [DONE]` included, then close the
+                      connection abruptly without the chunked body's last chunk (what
+                      llama-cpp-python does when the context fills); non-stream: no effect
     ttft-ms=F         delay before the first token / the JSON answer
     itl-ms=F          delay between stream tokens
     tokens=N          completion tokens per answer
@@ -42,6 +45,7 @@ class FaultSpec:
     rate: float = 1.0
     hang: bool = False
     drop_after: int | None = None
+    drop_after_done: bool = False
     ttft_ms: float | None = None
     itl_ms: float | None = None
     tokens: int | None = None
@@ -52,8 +56,8 @@ class FaultSpec:
         """True when applying the spec changes nothing (whatever its rate)."""
         return (
             self.status is None and not self.hang and self.drop_after is None
-            and self.ttft_ms is None and self.itl_ms is None and self.tokens is None
-            and self.retry_after is None
+            and not self.drop_after_done and self.ttft_ms is None and self.itl_ms is None
+            and self.tokens is None and self.retry_after is None
         )
 
     def format(self) -> str:
@@ -67,6 +71,8 @@ class FaultSpec:
             items.append("hang=1")
         if self.drop_after is not None:
             items.append(f"drop-after={self.drop_after}")
+        if self.drop_after_done:
+            items.append("drop-after-done=1")
         if self.ttft_ms is not None:
             items.append(f"ttft-ms={self.ttft_ms!r}")
         if self.itl_ms is not None:
@@ -115,6 +121,7 @@ _FIELDS = {
     "rate": "rate",
     "hang": "hang",
     "drop-after": "drop_after",
+    "drop-after-done": "drop_after_done",
     "ttft-ms": "ttft_ms",
     "itl-ms": "itl_ms",
     "tokens": "tokens",
@@ -150,7 +157,7 @@ def parse_fault(text: str) -> FaultSpec:
             values[field] = _int(item, value, 400, 599)
         elif key == "rate":
             values[field] = _float(item, value, 0.0, 1.0)
-        elif key == "hang":
+        elif key in ("hang", "drop-after-done"):
             values[field] = _bool(item, value)
         elif key in ("drop-after", "retry-after"):
             values[field] = _int(item, value, 0, 1_000_000)

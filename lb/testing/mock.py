@@ -9,6 +9,26 @@ Endpoints: `GET /v1/models`, `GET /api/tags` (Ollama discovery), `GET /health`,
 endpoints `GET /mock/stats`, `POST /mock/reset`, `GET|POST /mock/fault`, `GET /mock/requests`.
 Faults (see lb.testing.faults) apply node-wide or per request (header `x-mock-fault`, which
 wins); control endpoints are never faulted, counted or recorded.
+
+Node-wide options play the quirks of real servers that users hit:
+
+- `busy_probes`: while an answer is being generated (a request in flight on chat, completions
+  or embeddings), `GET /v1/models` and `GET /api/tags` do not answer; they wait until no
+  generation is in flight, then answer, like llama-cpp-python's single worker. A prober with a
+  timeout sees a timeout. (`/health` still answers.)
+- `strict_request_id`: a POST whose `x-request-id` is not a UUID (`uuid.UUID` refuses it) is
+  answered `400` with an empty body, as llama-cpp-python does.
+- `honours_max_completion_tokens=False`: `max_completion_tokens` is ignored and only
+  `max_tokens` cuts the answer, as in llama-cpp-python (by default `max_completion_tokens`,
+  when given, wins over `max_tokens`).
+
+The fault item `drop-after-done=1` plays llama-cpp-python's end of a stream when the context
+fills: every event, `data: [DONE]` included, then the connection closes without the chunked
+body's last chunk.
+
+`GET /mock/requests` shows the last requests as received: `headers` maps each name (lower-case,
+as h11 gives it) to its value, repeated headers joined with ", " in the order received, and
+`raw_headers` lists the `[name, value]` pairs exactly in the order received, repeats included.
 """
 
 from __future__ import annotations
@@ -19,6 +39,7 @@ import hashlib
 import itertools
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -53,6 +74,7 @@ WORDS = (
     "nisi", "aliquip", "ex", "ea", "commodo", "consequat",
 )
 _MODEL_CREATED = 1_700_000_000
+_GENERATE, _PROBE, _OTHER = "generate", "probe", "other"  # endpoint kinds, for busy probes
 
 
 class DropConnection(ClientGone):
@@ -75,7 +97,7 @@ class MockStats:
     completed: int = 0  # answered in full, whatever the status
     errors: int = 0  # of those, answers with status >= 400
     faults_injected: int = 0  # requests a fault spec was applied to (after `rate`)
-    dropped: int = 0  # connections closed on purpose by `drop-after`
+    dropped: int = 0  # connections closed on purpose by `drop-after` or `drop-after-done`
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -97,6 +119,7 @@ class _Knobs:
     itl: float  # seconds
     tokens: int
     drop_after: int | None
+    drop_after_done: bool
 
 
 _Endpoint = Callable[[Request, _Knobs], Awaitable[Response]]
@@ -122,6 +145,9 @@ class MockNode:
     fault: str = attrs.field(default="", validator=_check_fault)
     name: str = "mock"
     seed: int = 0
+    busy_probes: bool = False
+    strict_request_id: bool = False
+    honours_max_completion_tokens: bool = True
     stats: MockStats = attrs.field(factory=MockStats, init=False)
     server: HTTPServer | None = attrs.field(default=None, init=False)
     _router: Router = attrs.field(init=False)
@@ -130,6 +156,8 @@ class MockNode:
         init=False, factory=lambda: collections.deque(maxlen=RECENT_REQUESTS)
     )
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
+    _generating: int = attrs.field(init=False, default=0)  # generation requests in flight
+    _idle: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -160,8 +188,10 @@ class MockNode:
         self._rng.seed(self.seed)
 
     def recent_requests(self) -> list[dict[str, Any]]:
-        """The last requests received, oldest first: method, path, headers, body (JSON if it
-        parses, else text)."""
+        """The last requests received, oldest first: method, path, headers (name to value,
+        repeated names joined with ", " in the order received), raw_headers (the `[name,
+        value]` pairs in the order received, repeats included), body (JSON if it parses, else
+        text) and raw_body (the bytes as text). Names are lower-case, as h11 gives them."""
         out = []
         for method, path, headers, raw in self._recent:
             body: Any
@@ -169,11 +199,17 @@ class MockNode:
                 body = orjson.loads(raw) if raw else None
             except orjson.JSONDecodeError:
                 body = raw.decode("utf-8", "replace")
+            pairs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]
+            joined: dict[str, str] = {}
+            for name, value in pairs:
+                joined[name] = f"{joined[name]}, {value}" if name in joined else value
             out.append({
                 "method": method,
                 "path": path,
-                "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in headers},
+                "headers": joined,
+                "raw_headers": pairs,
                 "body": body,
+                "raw_body": raw.decode("utf-8", "replace"),
             })
         return out
 
@@ -181,12 +217,12 @@ class MockNode:
 
     def _build_router(self) -> Router:
         router = Router()
-        router.add("GET", "/v1/models", self._api(self._models))
-        router.add("GET", "/api/tags", self._api(self._tags))
-        router.add("GET", "/health", self._api(self._health))
-        router.add("POST", "/v1/chat/completions", self._api(self._chat))
-        router.add("POST", "/v1/completions", self._api(self._completions))
-        router.add("POST", "/v1/embeddings", self._api(self._embeddings))
+        router.add("GET", "/v1/models", self._api(self._models, _PROBE))
+        router.add("GET", "/api/tags", self._api(self._tags, _PROBE))
+        router.add("GET", "/health", self._api(self._health, _OTHER))
+        router.add("POST", "/v1/chat/completions", self._api(self._chat, _GENERATE))
+        router.add("POST", "/v1/completions", self._api(self._completions, _GENERATE))
+        router.add("POST", "/v1/embeddings", self._api(self._embeddings, _GENERATE))
         router.add("GET", "/mock/stats", self._get_stats)
         router.add("POST", "/mock/reset", self._post_reset)
         router.add("GET", "/mock/fault", self._get_fault)
@@ -194,20 +230,37 @@ class MockNode:
         router.add("GET", "/mock/requests", self._get_requests)
         return router
 
-    def _api(self, endpoint: _Endpoint) -> Handler:
-        """Wrap an API endpoint with counting, recording and fault injection."""
+    def _api(self, endpoint: _Endpoint, kind: str) -> Handler:
+        """Wrap an API endpoint with counting, recording, the node's quirks and fault
+        injection. `kind`: _GENERATE (counted as a generation in flight until its answer is
+        complete), _PROBE (waits for no generation in flight under `busy_probes`) or _OTHER."""
+        generates = kind == _GENERATE
+        probe = kind == _PROBE
 
         async def handle(request: Request) -> Response:
             stats = self.stats
             stats.requests += 1
             path = request.path
             stats.by_path[path] = stats.by_path.get(path, 0) + 1
-            self._recent.append((request.method, path, request.headers, request.body))
+            # A copy: the record must stay what was received whatever later changes the list.
+            self._recent.append((request.method, path, list(request.headers), request.body))
             stats.concurrent += 1
             if stats.concurrent > stats.max_concurrent:
                 stats.max_concurrent = stats.concurrent
+            if generates:
+                self._generating += 1
             streaming = False
             try:
+                if probe and self.busy_probes:
+                    while self._generating:
+                        await self._idle.park()
+                if self.strict_request_id and request.method == "POST":
+                    request_id = request.header(b"x-request-id")
+                    if request_id is not None and not _is_uuid(request_id):
+                        # llama-cpp-python's answer: a bare 400, no body at all.
+                        stats.completed += 1
+                        stats.errors += 1
+                        return Response(400, [(b"x-mock-node", self.name.encode())])
                 fault = self._fault_for(request)
                 knobs = self._knobs(fault)
                 if fault is not None:
@@ -224,7 +277,8 @@ class MockNode:
                 if response.stream is not None:
                     streaming = True
                     return attrs.evolve(
-                        response, headers=headers, stream=self._tracked(response.stream)
+                        response, headers=headers,
+                        stream=self._tracked(response.stream, generates),
                     )
                 stats.completed += 1
                 return attrs.evolve(response, headers=headers)
@@ -240,10 +294,17 @@ class MockNode:
             finally:
                 if not streaming:
                     stats.concurrent -= 1
+                    if generates:
+                        self._generation_ended()
 
         return handle
 
-    def _tracked(self, writer: StreamBody) -> StreamBody:
+    def _generation_ended(self) -> None:
+        self._generating -= 1
+        if not self._generating:
+            self._idle.unpark_all()  # busy probes waiting for an idle node
+
+    def _tracked(self, writer: StreamBody, generates: bool) -> StreamBody:
         """Count a streamed answer's end: completed, dropped on purpose, or client gone."""
 
         async def write(sink: ResponseSink) -> None:
@@ -260,6 +321,8 @@ class MockNode:
                 stats.completed += 1
             finally:
                 stats.concurrent -= 1
+                if generates:
+                    self._generation_ended()
 
         return write
 
@@ -284,12 +347,13 @@ class MockNode:
 
     def _knobs(self, fault: FaultSpec | None) -> _Knobs:
         if fault is None:
-            return _Knobs(self.ttft_ms / 1000, self.itl_ms / 1000, self.tokens, None)
+            return _Knobs(self.ttft_ms / 1000, self.itl_ms / 1000, self.tokens, None, False)
         return _Knobs(
             (self.ttft_ms if fault.ttft_ms is None else fault.ttft_ms) / 1000,
             (self.itl_ms if fault.itl_ms is None else fault.itl_ms) / 1000,
             self.tokens if fault.tokens is None else fault.tokens,
             fault.drop_after,
+            fault.drop_after_done,
         )
 
     def _fault_error(self, fault: FaultSpec) -> LBError:
@@ -332,7 +396,9 @@ class MockNode:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty array", param="messages")
         prompt_tokens = sum(_message_words(m) for m in messages)
-        n, finish = _completion_length(body, knobs.tokens)
+        n, finish = _completion_length(
+            body, knobs.tokens, self.honours_max_completion_tokens
+        )
         created = int(time.time())
         cid = self._new_id("chatcmpl")
         if body.get("stream") is True:
@@ -359,7 +425,9 @@ class MockNode:
         body = _json_body(request)
         model = self._check_model(body)
         prompt_tokens = _prompt_words(body.get("prompt"))
-        n, finish = _completion_length(body, knobs.tokens)
+        n, finish = _completion_length(
+            body, knobs.tokens, self.honours_max_completion_tokens
+        )
         created = int(time.time())
         cid = self._new_id("cmpl")
         if body.get("stream") is True:
@@ -446,6 +514,14 @@ async def _drop_now(sink: ResponseSink) -> None:
     raise DropConnection("mock fault: drop-after=0")
 
 
+def _is_uuid(value: bytes) -> bool:
+    try:
+        uuid.UUID(value.decode("ascii"))
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return True
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -507,9 +583,15 @@ def _embed_input(value: Any, dim: int) -> tuple[list[list[float]], int]:
     )
 
 
-def _completion_length(body: dict[str, Any], tokens: int) -> tuple[int, str]:
-    """Tokens to answer and the finish reason: `max_tokens` shorter than the answer cuts it."""
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+def _completion_length(
+    body: dict[str, Any], tokens: int, honours_max_completion_tokens: bool = True
+) -> tuple[int, str]:
+    """Tokens to answer and the finish reason: a limit shorter than the answer cuts it. The
+    limit is `max_completion_tokens` if given, else `max_tokens`; a node that does not honour
+    `max_completion_tokens` (llama-cpp-python) looks at `max_tokens` only."""
+    limit = body.get("max_tokens")
+    if honours_max_completion_tokens:
+        limit = body.get("max_completion_tokens", limit)
     if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < tokens:
         return limit, "length"
     return tokens, "stop"
@@ -607,7 +689,8 @@ def _stream(
     usage: dict[str, int] | None, knobs: _Knobs,
 ) -> Response:
     """An SSE answer: [role], one chunk per token, finish, [usage], [DONE]; TTFT and ITL
-    delays and `drop-after` apply to these frames."""
+    delays and `drop-after` apply to these frames, and `drop-after-done` drops the connection
+    after the last of them (in place of the chunked body's last chunk)."""
     id_json = orjson.dumps(cid)
     model_json = orjson.dumps(model)
     created_bytes = str(created).encode()
@@ -630,10 +713,12 @@ def _stream(
         )
     frames.append(DONE)
 
-    drop = knobs.drop_after is not None and knobs.drop_after < len(frames)
-    if drop:
-        assert knobs.drop_after is not None
+    drop: str | None = None  # why the connection is dropped after the frames, if it is
+    if knobs.drop_after is not None and knobs.drop_after < len(frames):
         frames = frames[: knobs.drop_after]
+        drop = f"drop-after={knobs.drop_after}"
+    elif knobs.drop_after_done:
+        drop = "drop-after-done=1"
     ttft, itl = knobs.ttft, knobs.itl
     # Frames that wait `itl` first: every token after the first.
     gap_from, gap_to = first_token + 1, first_token + n
@@ -649,7 +734,7 @@ def _stream(
                 if gap_from <= i < gap_to:
                     await trio.sleep(itl)
                 await send(frame)
-        if drop:
-            raise DropConnection(f"mock fault: drop-after={knobs.drop_after}")
+        if drop is not None:
+            raise DropConnection(f"mock fault: {drop}")
 
     return Response(200, list(SSE_HEADERS), stream=write)
