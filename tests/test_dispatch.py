@@ -517,3 +517,13 @@ async def test_breaker_openings_and_closings_are_logged(
     await run(d)
     assert f"breaker of {a.key} closed: request req-1 succeeded" in caplog.text
     assert "attempt 1 on" in caplog.text and "request req-1" in caplog.text
+
+
+async def test_a_close_delimited_stream_dying_inside_an_event_drops_the_half_event(
+    autojump_clock: Any,
+) -> None:
+    a, _ = node(Script(headers=list(SSE_CLOSE_DELIMITED), body=[EVENT, b'data: {"partial']))
+    sink = RecordingSink()
+    with pytest.raises(UpstreamStreamError, match="before \\[DONE\\]"):
+        await dispatcher(a).execute(intent(stream=True), sink)
+    assert sink.body == EVENT  # the error event follows a whole event, nothing glued

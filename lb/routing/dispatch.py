@@ -424,24 +424,28 @@ class _Run:
         except UpstreamError:
             if _DONE_TAIL.search(last[-32:]) is not None:
                 return Outcome.SUCCESS, ""  # it said [DONE], then dropped the connection
-            await self._end_event(splitter)
+            await self._end_event(ragged=not splitter.at_boundary)
             raise
+        ragged = not splitter.at_boundary  # an oversized line let part of an event through
         rest = splitter.flush()
-        if rest:  # the stream ended inside an event: pass on what came (it is the node's)
+        close_delimited = _close_delimited(up.headers)
+        if rest and (not close_delimited or b"[DONE]" in rest):
+            # The node ended its message itself, inside an event: those bytes are its own.
             self.writing = True
             await send(rest)
             self.writing = False
-            last = rest
-        if _DONE_TAIL.search(last[-32:]) is None and _close_delimited(up.headers):
+            last, ragged = rest, True
+        if close_delimited and _DONE_TAIL.search(last[-32:]) is None:
             # Without framing, the end of the connection is the end of the body: a node that
-            # died mid-stream looks like one that finished, except for the missing [DONE].
-            await self._end_event(splitter)
+            # died mid-stream looks like one that finished, except for the missing [DONE]. Its
+            # half event, if any, is dropped: the error event must not be glued onto it.
+            await self._end_event(ragged)
             return Outcome.FAILURE, "closed the stream before [DONE]"
         return Outcome.SUCCESS, ""
 
-    async def _end_event(self, splitter: EventSplitter) -> None:
+    async def _end_event(self, ragged: bool) -> None:
         """Before an error event: end the half event an oversized line let through."""
-        if self.sink.committed and not splitter.at_boundary:
+        if self.sink.committed and ragged:
             self.writing = True
             await self.sink.send(b"\n\n")
             self.writing = False
