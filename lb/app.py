@@ -24,6 +24,8 @@ from lb.config import ConfigError, NodeConfig, Settings
 from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
+from lb.obs.nodes import NodeCounters
+from lb.obs.observer import Observers
 from lb.routing.dispatch import Dispatcher
 from lb.supervise import ServiceStats, supervise
 
@@ -138,10 +140,11 @@ def build_router(
         return fleet is not None and await fleet.publish_prefs(prefs)
 
     router = Router()
+    counters = NodeCounters()
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
-        admin_key=settings.admin_key, model_grace=settings.model_grace,
+        admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
     )
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key
@@ -150,7 +153,7 @@ def build_router(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
         change_prefs=change_prefs,
     )
-    proxy.add_routes(router, Dispatcher(registry, settings))
+    proxy.add_routes(router, Dispatcher(registry, settings, observer=Observers([counters])))
     return router
 
 

@@ -30,6 +30,8 @@ from lb.errors import (
     UpstreamStreamError,
 )
 from lb.http.types import ClientGone, Headers
+from lb.obs.nodes import NodeCounters
+from lb.obs.observer import Observers, Trace
 from lb.routing.dispatch import Dispatcher
 from lb.routing.intent import RouteRequest
 from lb.upstream.client import ConnectError, LocalResourceError, UpstreamClosed
@@ -166,12 +168,31 @@ def node(*scripts: Script, port: int = 1, capacity: int = 0) -> tuple[Node, Scri
     return created, upstream
 
 
+# The counts of the latest dispatcher's nodes (each test builds its own dispatcher).
+COUNTERS: dict[str, NodeCounters] = {}
+
+
 def dispatcher(*nodes: Node, **options: Any) -> Dispatcher:
     settings = Settings(routing_strategy="ROUND_ROBIN", **options)
     registry = Registry(nodes)
+    counters = NodeCounters()
     for each in nodes:
         registry.update(each, models=[MODEL], healthy=True)
-    return Dispatcher(registry, settings)
+        COUNTERS[each.key] = counters
+    return Dispatcher(registry, settings, observer=Observers([counters]))
+
+
+def failures(node: Node) -> int:
+    """Attempts on `node` that failed by its own fault (what /v1/nodes shows)."""
+    return COUNTERS[node.key].failures[node.key]
+
+
+def requests(node: Node) -> int:
+    return COUNTERS[node.key].requests[node.key]
+
+
+def trace() -> Trace:
+    return Trace("req-1", "chat", False, MODEL, trio.current_time())
 
 
 def intent(stream: bool = False, **fields: Any) -> RouteRequest:
@@ -187,7 +208,7 @@ def intent(stream: bool = False, **fields: Any) -> RouteRequest:
 
 async def run(d: Dispatcher, request: RouteRequest | None = None) -> RecordingSink:
     sink = RecordingSink()
-    await d.execute(request or intent(), sink)
+    await d.execute(request or intent(), sink, trace())
     return sink
 
 
@@ -210,7 +231,7 @@ async def test_a_whole_answer_goes_through_with_lbs_headers(autojump_clock: Any)
         b"x-selected-model": MODEL.encode(), b"x-attempts": b"1", b"x-routed-node": a.key.encode()
     }
     assert upstream.requests[0]["path"] == "/v1/chat/completions"
-    assert a.breaker.consecutive_failures == 0 and a.requests == 1
+    assert a.breaker.consecutive_failures == 0 and requests(a) == 1
 
 
 async def test_a_5xx_fails_over_to_another_node(autojump_clock: Any) -> None:
@@ -219,7 +240,7 @@ async def test_a_5xx_fails_over_to_another_node(autojump_clock: Any) -> None:
     sink = await run(dispatcher(a, b))
     assert (sink.status, sink.body) == (200, OK_BODY)
     assert sink.tags[b"x-attempts"] == b"2" and sink.tags[b"x-routed-node"] == b.key.encode()
-    assert a.failures == 1 and b.failures == 0
+    assert failures(a) == 1 and failures(b) == 0
     assert a.last_error == "HTTP 500: unknown role 'foo'"
 
 
@@ -232,7 +253,7 @@ async def test_one_bad_request_is_not_an_outage(autojump_clock: Any) -> None:
         await run(d)
     assert len(upstream.requests) == 1
     assert caught.value.message == f"All 1 attempt(s) failed: {a.key}: HTTP 500: bad input"
-    assert a.failures == 1 and a.breaker.consecutive_failures == 1
+    assert failures(a) == 1 and a.breaker.consecutive_failures == 1
     assert a.breaker.allows(trio.current_time())
 
 
@@ -243,7 +264,7 @@ async def test_a_connect_error_may_be_retried_on_the_same_node_but_counts_once(
     sink = await run(dispatcher(a))
     assert sink.status == 200 and len(upstream.requests) == 2
     # Failed once, then succeeded: the success closes the count again.
-    assert a.failures == 1 and a.breaker.consecutive_failures == 0
+    assert failures(a) == 1 and a.breaker.consecutive_failures == 0
 
 
 async def test_every_node_saying_429_is_a_429_with_the_smallest_retry_after(
@@ -256,7 +277,7 @@ async def test_every_node_saying_429_is_a_429_with_the_smallest_retry_after(
     with pytest.raises(RateLimited) as caught:
         await run(dispatcher(a, b))
     assert caught.value.status == 429 and caught.value.retry_after == 7
-    assert a.failures == b.failures == 0  # busy is not broken
+    assert failures(a) == failures(b) == 0  # busy is not broken
 
 
 @pytest.mark.parametrize(
@@ -275,7 +296,7 @@ async def test_broken_answers_are_the_nodes_failures(
     b, _ = node(port=2)
     sink = await run(dispatcher(a, b))
     assert sink.body == OK_BODY
-    assert a.failures == 1 and a.last_error == reason
+    assert failures(a) == 1 and a.last_error == reason
 
 
 async def test_a_4xx_goes_back_to_the_client_and_is_no_failure(autojump_clock: Any) -> None:
@@ -284,7 +305,7 @@ async def test_a_4xx_goes_back_to_the_client_and_is_no_failure(autojump_clock: A
     b, upstream_b = node(port=2)
     sink = await run(dispatcher(a, b))
     assert (sink.status, sink.body) == (400, answer)
-    assert a.failures == 0 and not upstream_b.requests
+    assert failures(a) == 0 and not upstream_b.requests
 
 
 async def test_lbs_own_resource_limits_are_503_and_no_verdict(autojump_clock: Any) -> None:
@@ -292,7 +313,7 @@ async def test_lbs_own_resource_limits_are_503_and_no_verdict(autojump_clock: An
     with pytest.raises(LocalResourcesExhausted) as caught:
         await run(dispatcher(a))
     assert caught.value.status == 503
-    assert a.failures == 0 and a.breaker.consecutive_failures == 0
+    assert failures(a) == 0 and a.breaker.consecutive_failures == 0
 
 
 # --- timeouts and the deadline ---------------------------------------------------------------
@@ -304,7 +325,7 @@ async def test_a_long_non_stream_generation_is_not_a_timeout(autojump_clock: Any
     start = trio.current_time()
     sink = await run(dispatcher(a, attempt_timeout=60.0, request_timeout=600.0))
     assert sink.body == OK_BODY and trio.current_time() - start == pytest.approx(300.0)
-    assert a.failures == 0
+    assert failures(a) == 0
 
 
 async def test_a_stream_without_a_head_in_time_fails_over(autojump_clock: Any) -> None:
@@ -312,7 +333,7 @@ async def test_a_stream_without_a_head_in_time_fails_over(autojump_clock: Any) -
     b, _ = node(sse(EVENT, DONE), port=2)
     sink = await run(dispatcher(a, b, attempt_timeout=60.0), intent(stream=True))
     assert sink.body == EVENT + DONE
-    assert a.failures == 1 and a.last_error == "no response within 60s"
+    assert failures(a) == 1 and a.last_error == "no response within 60s"
 
 
 async def test_the_deadline_is_a_504_and_no_verdict(autojump_clock: Any) -> None:
@@ -321,7 +342,7 @@ async def test_the_deadline_is_a_504_and_no_verdict(autojump_clock: Any) -> None
         await run(dispatcher(a), intent(budget=5.0))
     assert caught.value.status == 504
     assert trio.current_time() == pytest.approx(5.0, abs=0.01)
-    assert a.failures == 0
+    assert failures(a) == 0
 
 
 async def test_queueing_for_capacity_then_429_is_never_a_failure(autojump_clock: Any) -> None:
@@ -334,7 +355,7 @@ async def test_queueing_for_capacity_then_429_is_never_a_failure(autojump_clock:
             await run(d)
         assert caught.value.retry_after == 1
         assert trio.current_time() == pytest.approx(11.0)
-    assert a.failures == 0
+    assert failures(a) == 0
 
 
 async def test_a_queued_request_takes_the_slot_freed(autojump_clock: Any) -> None:
@@ -381,7 +402,7 @@ async def test_a_node_dying_mid_event_never_glues_the_error_onto_it(
         await run(dispatcher(a), intent(stream=True))
     # The half event is dropped: the client has whole events, then the error event follows.
     assert caught.value.message == f"Node {a.key} closed the connection mid-stream"
-    assert a.failures == 1
+    assert failures(a) == 1
 
 
 async def test_a_stream_that_breaks_before_its_first_event_fails_over(
@@ -390,30 +411,30 @@ async def test_a_stream_that_breaks_before_its_first_event_fails_over(
     a, _ = node(sse(b"data: {\"choi", UpstreamClosed("gone")))
     b, _ = node(sse(EVENT, DONE), port=2)
     sink = await run(dispatcher(a, b), intent(stream=True))
-    assert sink.body == EVENT + DONE and a.failures == 1
+    assert sink.body == EVENT + DONE and failures(a) == 1
 
 
 async def test_a_stream_gone_quiet_is_the_nodes_failure(autojump_clock: Any) -> None:
     a, upstream = node(sse(EVENT, 1000.0, DONE))
     sink = RecordingSink()
     with pytest.raises(UpstreamStreamError) as caught:
-        await dispatcher(a, stream_idle_timeout=30.0).execute(intent(stream=True), sink)
+        await dispatcher(a, stream_idle_timeout=30.0).execute(intent(stream=True), sink, trace())
     assert caught.value.message == f"Node {a.key} stream went idle (nothing for 30s)"
-    assert sink.body == EVENT and a.failures == 1 and upstream.aborted == 1
+    assert sink.body == EVENT and failures(a) == 1 and upstream.aborted == 1
     assert 27.0 <= trio.current_time() <= 30.0
 
 
 async def test_done_then_a_dropped_connection_is_a_success(autojump_clock: Any) -> None:
     a, _ = node(sse(EVENT, DONE, UpstreamClosed("context full")))
     sink = await run(dispatcher(a), intent(stream=True))
-    assert sink.body == EVENT + DONE and a.failures == 0
+    assert sink.body == EVENT + DONE and failures(a) == 0
 
 
 async def test_a_close_delimited_stream_without_done_is_a_failure(autojump_clock: Any) -> None:
     a, _ = node(Script(headers=list(SSE_CLOSE_DELIMITED), body=[EVENT]))
     with pytest.raises(UpstreamStreamError, match="before \\[DONE\\]"):
         await run(dispatcher(a), intent(stream=True))
-    assert a.failures == 1
+    assert failures(a) == 1
 
 
 async def test_a_client_that_stops_reading_is_not_the_nodes_failure(
@@ -426,8 +447,8 @@ async def test_a_client_that_stops_reading_is_not_the_nodes_failure(
     for _ in range(3):
         sink = RecordingSink(stall_after=1)
         with pytest.raises(ClientGone):
-            await d.execute(intent(stream=True), sink)
-    assert a.failures == 0 and a.breaker.allows(trio.current_time())
+            await d.execute(intent(stream=True), sink, trace())
+    assert failures(a) == 0 and a.breaker.allows(trio.current_time())
     assert upstream.aborted == 3  # the node's connection was closed each time
     assert a.inflight == 0  # and its slot freed
 
@@ -436,8 +457,8 @@ async def test_a_stream_past_the_deadline_ends_in_a_504_event(autojump_clock: An
     a, _ = node(sse(EVENT, 100.0, DONE))
     sink = RecordingSink()
     with pytest.raises(DeadlineExceeded):
-        await dispatcher(a).execute(intent(stream=True, budget=50.0), sink)
-    assert sink.committed and sink.body == EVENT and a.failures == 0
+        await dispatcher(a).execute(intent(stream=True, budget=50.0), sink, trace())
+    assert sink.committed and sink.body == EVENT and failures(a) == 0
 
 
 async def test_the_callers_body_is_not_mutated(autojump_clock: Any) -> None:
@@ -464,7 +485,7 @@ async def test_a_stream_cut_by_the_end_of_a_drain_ends_with_shutting_down(
 
     async def execute() -> None:
         try:
-            await d.execute(intent(stream=True), sink)
+            await d.execute(intent(stream=True), sink, trace())
         except LBError as exc:
             raised.append(exc)
 
@@ -474,7 +495,7 @@ async def test_a_stream_cut_by_the_end_of_a_drain_ends_with_shutting_down(
         assert sink.drain_scope is not None
         sink.drain_scope.cancel()  # what the server does when the drain's grace ends
     assert [type(exc) for exc in raised] == [ShuttingDown]
-    assert sink.committed and sink.body == EVENT and a.failures == 0
+    assert sink.committed and sink.body == EVENT and failures(a) == 0
 
 
 async def test_a_node_that_sent_retry_after_is_not_asked_again_before_it_expires(
@@ -492,7 +513,7 @@ async def test_a_node_that_sent_retry_after_is_not_asked_again_before_it_expires
     assert len(upstream.requests) == 1
     await trio.sleep(10)
     assert (await run(d)).body == OK_BODY  # expired: asked again
-    assert a.failures == 0
+    assert failures(a) == 0
 
 
 async def test_the_nodes_own_request_id_comes_back_as_x_upstream_request_id(
@@ -525,5 +546,5 @@ async def test_a_close_delimited_stream_dying_inside_an_event_drops_the_half_eve
     a, _ = node(Script(headers=list(SSE_CLOSE_DELIMITED), body=[EVENT, b'data: {"partial']))
     sink = RecordingSink()
     with pytest.raises(UpstreamStreamError, match="before \\[DONE\\]"):
-        await dispatcher(a).execute(intent(stream=True), sink)
+        await dispatcher(a).execute(intent(stream=True), sink, trace())
     assert sink.body == EVENT  # the error event follows a whole event, nothing glued

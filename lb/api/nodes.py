@@ -7,10 +7,12 @@ from collections.abc import Callable
 import trio
 
 from lb.api.admin import require_admin_if_set
+from lb.cluster.node import Node
 from lb.cluster.registry import Registry
 from lb.errors import BadRequest, ModelNotFound
 from lb.http.routes import Router
 from lb.http.types import Request, Response
+from lb.obs.nodes import NodeCounters
 from lb.routing.eligibility import blocked
 
 CREATED = 1700000000  # OpenAI's list shape needs a timestamp; the node's own is not shared
@@ -56,7 +58,18 @@ def add_routes(
     fleet_status: Callable[[], dict[str, object]] | None = None,
     admin_key: str = "",
     model_grace: float = 600.0,
+    counters: NodeCounters | None = None,
 ) -> None:
+    counted = counters or NodeCounters()
+
+    def describe(node: Node, now: float) -> dict[str, object]:
+        key = node.key
+        return {
+            **node.describe(now, registry.fleet_cap(node)),
+            "requests": counted.requests[key],
+            "failures": counted.failures[key],
+        }
+
     def gone() -> dict[str, dict[str, object]]:
         now = trio.current_time()
         return {
@@ -81,7 +94,7 @@ def add_routes(
     async def list_nodes(request: Request) -> Response:
         require_admin_if_set(request, admin_key)
         now = trio.current_time()
-        nodes = [node.describe(now, registry.fleet_cap(node)) for node in registry.nodes.values()]
+        nodes = [describe(node, now) for node in registry.nodes.values()]
         return Response.json({"nodes": nodes, "unavailable_models": gone()})
 
     async def eligible_nodes(request: Request) -> Response:
@@ -89,7 +102,7 @@ def add_routes(
         model = model_param(request)
         now = trio.current_time()
         nodes = [
-            node.describe(now, registry.fleet_cap(node)) for node in registry.serving(model)
+            describe(node, now) for node in registry.serving(model)
             if blocked(node, now) is None
         ]
         return Response.json({"model": model, "nodes": nodes})

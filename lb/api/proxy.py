@@ -18,7 +18,8 @@ import trio
 from lb.errors import BadRequest, LBError
 from lb.http.errors import stream_error
 from lb.http.routes import Router
-from lb.http.types import Headers, Request, Response, ResponseSink
+from lb.http.types import ClientGone, Headers, Request, Response, ResponseSink
+from lb.obs.observer import RequestObserver, Trace
 from lb.routing.dispatch import HOP_BY_HOP, Dispatcher
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind
@@ -34,6 +35,7 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
 # cookies for lb's origin are none of a node's business.
 _NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id", b"cookie"}
 _JSON = (b"content-type", b"application/json")
+CLIENT_CLOSED = 499  # the status nginx logs for a client that left before its answer
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # A session id is hashed and may be logged: visible ASCII only.
 _SESSION_ID = re.compile(rb"[\x21-\x7e]{1,256}")
@@ -75,7 +77,7 @@ def validate(body: dict[str, Any], kind: ModelKind, required: str) -> bool:
 
 
 def route_request(
-    request: Request, kind: ModelKind, body: dict[str, Any], stream: bool
+    request: Request, kind: ModelKind, body: dict[str, Any], stream: bool, arrival: float
 ) -> RouteRequest:
     """The HTTP request as routing sees it."""
     session = request.header(b"x-session-id")
@@ -98,7 +100,7 @@ def route_request(
         body=body,
         raw=raw,
         request_id=request.request_id,
-        arrival=trio.current_time(),
+        arrival=arrival,
         budget=_budget(request),
         session=session.decode("ascii") if session else None,
         node=forced or None,
@@ -139,25 +141,54 @@ def _budget(request: Request) -> float | None:
     return millis / 1000
 
 
-async def answer(dispatcher: Dispatcher, intent: RouteRequest, sink: ResponseSink) -> None:
-    """Dispatch, and end a stream that broke after its head went out with the error event."""
+async def answer(
+    dispatcher: Dispatcher, intent: RouteRequest, trace: Trace, sink: ResponseSink
+) -> None:
+    """Dispatch, and end a stream that broke after its head went out with the error event.
+    However it ends, the observers hear of it once."""
     try:
-        await dispatcher.execute(intent, sink)
+        await dispatcher.execute(intent, sink, trace)
     except LBError as exc:
+        trace.error = exc.code
         if not sink.committed:
+            trace.status = exc.status
             raise  # the server answers the OpenAI error JSON
         await sink.send(stream_error(exc))
+    except (ClientGone, trio.Cancelled):
+        trace.client_gone = True  # it left, or stopped reading (a drain's end is an LBError)
+        if not sink.committed:
+            trace.status = CLIENT_CLOSED
+        raise
+    finally:
+        _finish(dispatcher.observer, trace)
+
+
+def _finish(observer: RequestObserver, trace: Trace) -> None:
+    trace.duration = trio.current_time() - trace.arrival
+    observer.finished(trace)
 
 
 def add_routes(router: Router, dispatcher: Dispatcher) -> None:
+    observer = dispatcher.observer
     for path, (kind, required) in _ENDPOINTS.items():
 
         async def forward(
             request: Request, kind: ModelKind = kind, required: str = required
         ) -> Response:
-            body = parse_body(request.body)
-            stream = validate(body, kind, required)
-            intent = route_request(request, kind, body, stream)
-            return Response(stream=functools.partial(answer, dispatcher, intent))
+            trace = Trace(
+                request.request_id, kind, False, "", trio.current_time(), request.client,
+                request.path,
+            )
+            observer.started(trace)
+            try:
+                body = parse_body(request.body)
+                stream = validate(body, kind, required)
+                trace.stream, trace.requested_model = stream, body["model"]
+                intent = route_request(request, kind, body, stream, trace.arrival)
+            except LBError as exc:  # answered by the server before anything was routed
+                trace.status, trace.error = exc.status, exc.code
+                _finish(observer, trace)
+                raise
+            return Response(stream=functools.partial(answer, dispatcher, intent, trace))
 
         router.add("POST", path, forward)

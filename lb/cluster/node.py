@@ -25,8 +25,6 @@ class Node:
     upstream: Upstream  # how requests reach the node (the h11 pool, or a fake in tests)
     models: tuple[str, ...] = ()
     healthy: bool = False
-    requests: int = 0
-    failures: int = 0
     last_error: str = ""
     discovered: bool = False  # found by the scanner, not configured
     draining: bool = False  # reserved: a draining node takes no new requests
@@ -100,8 +98,6 @@ class Node:
             "local_maxconn": self.capacity,
             "weight": self.weight,
             "labels": dict(self.config.labels),
-            "requests": self.requests,
-            "failures": self.failures,
             "consecutive_failures": self.breaker.consecutive_failures,
             "breaker": self.breaker.state(now).name.lower(),
             "last_error": self.last_error,

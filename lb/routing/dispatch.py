@@ -15,7 +15,6 @@ about the node's health.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import math
@@ -47,6 +46,8 @@ from lb.errors import (
 )
 from lb.http.sse import EventSplitter
 from lb.http.types import ClientGone, Headers, ResponseSink
+from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
+from lb.obs.usage import content_events, usage_of
 from lb.routing import strategies
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
@@ -90,13 +91,6 @@ _DONE_TAIL = re.compile(rb"data: *\[DONE\]\s*$")
 _JSON_START = re.compile(rb"\s*[\[{]")
 
 
-class Outcome(enum.Enum):
-    SUCCESS = "success"  # the node answered (a 4xx is the request's fault, not the node's)
-    FAILURE = "failure"  # the node's own fault: counted against it, feeds its breaker
-    BUSY = "busy"  # the node said 429: try elsewhere, no verdict on its health
-    NO_VERDICT = "no_verdict"  # ended by the client, lb or the deadline: nothing learnt
-
-
 @attrs.frozen(slots=True)
 class Plan:
     """What one proxied request will do."""
@@ -114,9 +108,13 @@ class Plan:
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, settings: Settings, rng: random.Random | None = None):
+    def __init__(
+        self, registry: Registry, settings: Settings, rng: random.Random | None = None,
+        observer: RequestObserver | None = None,
+    ):
         self.registry = registry
         self.settings = settings
+        self.observer: RequestObserver = observer or Observers()
         self.strategy = strategies.parse_strategy(settings.routing_strategy)
         self.sentinels = settings.sentinels
         self._counter = itertools.count()
@@ -175,11 +173,13 @@ class Dispatcher:
                 retry_after=max(1.0, self.settings.scan_interval),
             )
 
-    async def execute(self, intent: RouteRequest, sink: ResponseSink) -> None:
-        """Answer `intent` through `sink` (see the module docstring for what is raised)."""
+    async def execute(self, intent: RouteRequest, sink: ResponseSink, trace: Trace) -> None:
+        """Answer `intent` through `sink` (see the module docstring for what is raised),
+        noting in `trace` how it went."""
         plan = self.plan(intent)
+        trace.model = plan.model
         sink.tag(b"x-selected-model", plan.model.encode())
-        run = _Run(self, plan, sink)
+        run = _Run(self, plan, sink, trace, self.observer)
         with trio.move_on_at(plan.deadline) as scope:
             sink.cancel_on_drain(scope)
             try:
@@ -224,6 +224,8 @@ class _Run:
     dispatcher: Dispatcher
     plan: Plan
     sink: ResponseSink
+    trace: Trace
+    observer: RequestObserver
     count: int = 0
     failures: list[AttemptFailure] = attrs.field(factory=list)
     failed: set[str] = attrs.field(factory=set)  # nodes charged a failure (once per request)
@@ -239,6 +241,10 @@ class _Run:
             node, token = await self._acquire(tried)
             self.count += 1
             tried.add(node.key)
+            trace = self.trace
+            trace.attempts, trace.node = self.count, node.key
+            if self.count > 1:
+                trace.failovers += 1
             sink.tag(b"x-attempts", str(self.count).encode())
             sink.tag(b"x-routed-node", node.key.encode())
             try:
@@ -256,9 +262,12 @@ class _Run:
                 registry.release(node, token)
             if answer is not None:  # written after the slot is freed: a slow client holds none
                 sink.head(answer.status, answer.headers)
+                self._first_byte()
                 self.writing = True
                 await sink.send(answer.body)
                 self.writing = False
+                trace.chunks = 1
+                trace.last_byte = trace.first_byte
             return
         self._give_up()
 
@@ -283,7 +292,8 @@ class _Run:
         if not ordered:
             self._give_up()
         registry = self.dispatcher.registry
-        queue_deadline = trio.current_time() + self.dispatcher.settings.queue_timeout
+        queued_at = trio.current_time()
+        queue_deadline = queued_at + self.dispatcher.settings.queue_timeout
         while True:
             now = trio.current_time()
             token = object()
@@ -297,6 +307,8 @@ class _Run:
                 except trio.WouldBlock:
                     continue
                 if node.breaker.acquire(now):
+                    if now > queued_at:
+                        self._queued(now - queued_at)
                     return node, token
                 node.limiter.release_on_behalf_of(token)
             if not any_open:
@@ -304,10 +316,20 @@ class _Run:
             with trio.move_on_at(queue_deadline):
                 await registry.slot_freed.park()
                 continue
+            self._queued(trio.current_time() - queued_at)
             raise CapacityExceeded(
                 f"Every node serving {self.plan.model} is at capacity; retry shortly",
                 retry_after=CAPACITY_RETRY_AFTER,
             )
+
+    def _queued(self, seconds: float) -> None:
+        self.trace.queue_wait += seconds
+        self.observer.queued(self.trace, seconds)
+
+    def _first_byte(self) -> None:
+        trace = self.trace
+        trace.first_byte = seconds = trio.current_time() - trace.arrival
+        self.observer.first_byte(trace, seconds)
 
     async def _attempt(self, node: Node) -> _Answer | None:
         """Try `node`: its whole answer to send (non-stream), or None once a stream was
@@ -317,10 +339,11 @@ class _Run:
         plan = self.plan
         outcome = Outcome.NO_VERDICT
         reason = ""
-        node.requests += 1
-        scope = trio.CancelScope(
-            deadline=min(plan.deadline, trio.current_time() + settings.attempt_timeout)
-        )
+        status: int | None = None
+        started = trio.current_time()
+        if self.trace.sent_to_node is None:  # lb's own overhead, arrival to the first attempt
+            self.trace.sent_to_node = started - self.trace.arrival
+        scope = trio.CancelScope(deadline=min(plan.deadline, started + settings.attempt_timeout))
 
         def sent() -> None:
             # A non-stream answer's head comes only after the whole generation: from here on
@@ -334,6 +357,7 @@ class _Run:
                         "POST", plan.path, plan.headers, plan.body,
                         on_sent=None if plan.stream else sent,
                     ) as up:
+                        status = up.status
                         outcome, reason, answer = await self._handle(node, up, scope)
                         if outcome is Outcome.SUCCESS:
                             return answer
@@ -371,6 +395,9 @@ class _Run:
             raise _AttemptFailed(reason)
         finally:
             self._record(node, outcome, reason)
+            self.observer.attempt_finished(
+                self.trace, node.key, outcome, status, trio.current_time() - started
+            )
 
     async def _handle(
         self, node: Node, up: UpstreamResponse, scope: trio.CancelScope
@@ -382,9 +409,10 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
-        headers = _from_node(up.headers)
+        headers = _from_node(up.headers, self.trace)
         if status == 200 and _is_event_stream(up.headers):
             self.sink.head(status, headers)
+            self.trace.status = status
             outcome, reason = await self._pump(up, scope)
             return outcome, reason, None
         scope.deadline = plan.deadline
@@ -392,6 +420,10 @@ class _Run:
         if 200 <= status < 300 and _JSON_START.match(body) is None:
             return Outcome.FAILURE, f"HTTP {status} with a body that is not JSON", None
         headers.append((b"content-length", str(len(body)).encode()))
+        self.trace.status = status
+        usage = usage_of(body)
+        if usage is not None:
+            self.trace.prompt_tokens, self.trace.completion_tokens = usage
         return Outcome.SUCCESS, "", _Answer(status, headers, body)
 
     async def _pump(self, up: UpstreamResponse, scope: trio.CancelScope) -> tuple[Outcome, str]:
@@ -406,6 +438,9 @@ class _Run:
         send = self.sink.send
         splitter = EventSplitter()
         last = b""
+        trace = self.trace
+        usage: tuple[int, int] | None = None
+        events = 0
         scope.deadline = min(deadline, trio.current_time() + idle)  # replaces the attempt's
         try:
             while True:
@@ -417,15 +452,27 @@ class _Run:
                     break
                 data = splitter.feed(data)
                 if data:
+                    if trace.first_byte is None:
+                        self._first_byte()
                     self.writing = True
                     await send(data)
                     self.writing = False
                     last = data
+                    trace.chunks += 1
+                    if b'"usage"' in data:
+                        usage = usage_of(data) or usage
+                    elif usage is None:
+                        events += content_events(data)
         except UpstreamError:
             if _DONE_TAIL.search(last[-32:]) is not None:
                 return Outcome.SUCCESS, ""  # it said [DONE], then dropped the connection
             await self._end_event(ragged=not splitter.at_boundary)
             raise
+        trace.last_byte = trio.current_time() - trace.arrival
+        if usage is not None:
+            trace.prompt_tokens, trace.completion_tokens = usage
+        elif events:  # the node sent no usage: count the events that carried text
+            trace.completion_tokens, trace.usage_estimated = events, True
         ragged = not splitter.at_boundary  # an oversized line let part of an event through
         rest = splitter.flush()
         close_delimited = _close_delimited(up.headers)
@@ -461,7 +508,6 @@ class _Run:
             breaker.record_success(now)
         elif outcome is Outcome.FAILURE and node.key not in self.failed:
             self.failed.add(node.key)  # one bad request is not an outage: once per node
-            node.failures += 1
             node.last_error = reason
             log.warning(
                 "request %s: attempt %d on %s failed: %s",
@@ -489,7 +535,7 @@ def _nobody_serves(model: str, nodes: Sequence[Node], now: float) -> LBError:
     return NoHealthyNode(f"No healthy node serves model {model} right now")
 
 
-def _from_node(headers: Headers) -> Headers:
+def _from_node(headers: Headers, trace: Trace) -> Headers:
     """The node's end-to-end headers; its own request id is kept as x-upstream-request-id (the
     client gets exactly one x-request-id: its own, or lb's)."""
     kept = []
@@ -498,6 +544,7 @@ def _from_node(headers: Headers) -> Headers:
         if name in HOP_BY_HOP:
             continue
         if name == b"x-request-id":
+            trace.upstream_request_id = item[1].decode("latin-1")
             item = (b"x-upstream-request-id", item[1])
         kept.append(item)
     return kept
@@ -573,4 +620,4 @@ def _describe(exc: UpstreamError, mid_stream: bool) -> str:
     return "failed"
 
 
-__all__ = ["HOP_BY_HOP", "PATHS", "Dispatcher", "Outcome", "Plan"]
+__all__ = ["HOP_BY_HOP", "PATHS", "Dispatcher", "Outcome", "Plan", "Trace"]
