@@ -25,7 +25,7 @@ from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.obs.nodes import NodeCounters
-from lb.obs.observer import Observers
+from lb.obs.observer import Observers, RequestObserver
 from lb.routing.dispatch import Dispatcher
 from lb.supervise import ServiceStats, supervise
 
@@ -141,6 +141,8 @@ def build_router(
 
     router = Router()
     counters = NodeCounters()
+    # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
+    observers: list[RequestObserver] = [counters]
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
@@ -153,7 +155,7 @@ def build_router(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
         change_prefs=change_prefs,
     )
-    proxy.add_routes(router, Dispatcher(registry, settings, observer=Observers([counters])))
+    proxy.add_routes(router, Dispatcher(registry, settings, observer=Observers(observers)))
     return router
 
 
