@@ -5,6 +5,7 @@ end over real sockets: what the client gets, what the node saw, and that lb keep
 
 from __future__ import annotations
 
+import resource
 import uuid
 from typing import Any
 
@@ -149,6 +150,7 @@ async def test_headers_lb_sets_are_never_duplicated_by_the_nodes(nursery: trio.N
         assert answer.headers.get_list("x-attempts") == ["1"]
         assert answer.headers.get_list("x-selected-model") == [MODEL]
         assert answer.headers["x-node-extra"] == "kept"
+        assert answer.headers["x-upstream-request-id"] == "node-own"  # the node's, renamed
 
 
 async def test_headers_named_in_connection_are_not_forwarded(nursery: trio.Nursery) -> None:
@@ -179,6 +181,39 @@ async def test_the_topology_needs_the_admin_key_once_one_is_set(nursery: trio.Nu
                 assert node.key not in refused.text
                 assert (await client.get(path, headers=ADMIN)).status_code == 200, path
             assert (await client.get("/v1/models")).status_code == 200  # clients need this
+
+
+async def test_lb_out_of_file_descriptors_is_503_and_not_the_nodes_failure(
+    nursery: trio.Nursery,
+) -> None:
+    """EMFILE while connecting to a node is lb's own limit: 503 lb_overloaded, no verdict."""
+    with trio.fail_after(10):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await start_lb(nursery, [node], breaker_threshold=1, admin_key="s3cret")
+        body = orjson.dumps({"model": MODEL, **CHAT})
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+            b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        client = await trio.open_tcp_stream("127.0.0.1", lb.port)  # accepted by lb now
+        await trio.sleep(0.1)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # This process (lb, the mock, the client) may open no more descriptors (the limit is
+        # below what it has open): lb's connection to the node fails with EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8, hard))
+        try:
+            await client.send_all(request)
+            received = b""
+            while b"\r\n\r\n" not in received or not received.endswith(b"}"):
+                received += await client.receive_some(65536)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await client.aclose()
+        assert received.startswith(b"HTTP/1.1 503 "), received[:200]
+        assert b'"code":"lb_overloaded"' in received and b"retry-after: 1" in received
+        view = await node_view(lb, node.key)
+        assert view["failures"] == 0 and view["breaker"] == "closed"
+        assert (await chat(lb)).status_code == 200
 
 
 async def test_failure_messages_name_nodes_by_host_port_only(nursery: trio.Nursery) -> None:
