@@ -15,7 +15,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, debug, health, nodes, proxy
+from lb.api import admin, debug, health, nodes, proxy, stats
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -26,6 +26,8 @@ from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.obs.nodes import NodeCounters
 from lb.obs.observer import Observers, RequestObserver
+from lb.obs.stats import RoutingStats
+from lb.routing import strategies
 from lb.routing.dispatch import Dispatcher
 from lb.supervise import ServiceStats, supervise
 
@@ -141,8 +143,9 @@ def build_router(
 
     router = Router()
     counters = NodeCounters()
+    routing_stats = RoutingStats()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
-    observers: list[RequestObserver] = [counters]
+    observers: list[RequestObserver] = [counters, routing_stats]
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
@@ -154,6 +157,11 @@ def build_router(
     admin.add_routes(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
         change_prefs=change_prefs,
+    )
+    stats.add_routes(
+        router, registry, routing_stats,
+        strategy=strategies.parse_strategy(settings.routing_strategy).value,
+        admin_key=settings.admin_key,
     )
     proxy.add_routes(router, Dispatcher(registry, settings, observer=Observers(observers)))
     return router
