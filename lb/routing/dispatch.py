@@ -120,8 +120,9 @@ class Dispatcher:
         self._counter = itertools.count()
         self._rng = rng or random.Random()
 
-    def plan(self, intent: RouteRequest) -> Plan:
-        """Resolve the model and order the nodes that may take the request (no I/O)."""
+    def plan(self, intent: RouteRequest, trace: Trace | None = None) -> Plan:
+        """Resolve the model and order the nodes that may take the request (no I/O); the
+        resolved model goes into `trace` even when no node can take it."""
         try:
             model = resolve_model(
                 intent.model, self.registry.model_counts(), kind=intent.kind,
@@ -131,6 +132,8 @@ class Dispatcher:
         except ModelNotFound:
             self._unavailable(intent)
             raise
+        if trace is not None:
+            trace.model = model
         raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
         budget = self.settings.request_timeout
         if intent.budget is not None:
@@ -176,8 +179,7 @@ class Dispatcher:
     async def execute(self, intent: RouteRequest, sink: ResponseSink, trace: Trace) -> None:
         """Answer `intent` through `sink` (see the module docstring for what is raised),
         noting in `trace` how it went."""
-        plan = self.plan(intent)
-        trace.model = plan.model
+        plan = self.plan(intent, trace)
         sink.tag(b"x-selected-model", plan.model.encode())
         run = _Run(self, plan, sink, trace, self.observer)
         with trio.move_on_at(plan.deadline) as scope:
