@@ -24,6 +24,7 @@ from lb.config import ConfigError, NodeConfig, Settings
 from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
+from lb.obs.access_log import AccessLog
 from lb.obs.nodes import NodeCounters
 from lb.obs.observer import Observers, RequestObserver
 from lb.obs.stats import RoutingStats
@@ -145,7 +146,7 @@ def build_router(
     counters = NodeCounters()
     routing_stats = RoutingStats()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
-    observers: list[RequestObserver] = [counters, routing_stats]
+    observers: list[RequestObserver] = [counters, routing_stats, AccessLog()]
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,

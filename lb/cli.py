@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from typing import Any
@@ -12,16 +11,7 @@ import click
 import trio
 
 from lb.config import ConfigError, load_settings
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every health probe at INFO; lb reports node changes itself.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+from lb.obs.logs import configure_logging
 
 
 def _fail(message: str) -> None:
@@ -44,14 +34,15 @@ def main() -> None:
 @click.option("--config", "config_file", default=None, help="YAML settings file [env LB_CONFIG]")
 @click.option("--demo", is_flag=True, default=None, help="Start two mock nodes in this process")
 @click.option("--log-level", default=None, help="debug, info, warning, error [env LB_LOG_LEVEL]")
+@click.option("--log-format", default=None, help="text or json [env LB_LOG_FORMAT; text]")
 def serve(
     host: str | None, port: str | None, nodes: tuple[str, ...], config_file: str | None,
-    demo: bool | None, log_level: str | None,
+    demo: bool | None, log_level: str | None, log_format: str | None,
 ) -> None:
     """Run the load balancer."""
     flags: dict[str, Any] = {
         "host": host, "port": port, "nodes": list(nodes) or None, "demo": demo,
-        "log_level": log_level,
+        "log_level": log_level, "log_format": log_format,
     }
     try:
         settings = load_settings(
@@ -59,7 +50,7 @@ def serve(
         )
     except ConfigError as exc:
         _fail(str(exc))
-    _setup_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from lb.app import serve as run_server
 
     try:

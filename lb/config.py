@@ -119,6 +119,10 @@ def _log_level(value: Any) -> str:
     return _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(value).lower()
 
 
+def _log_format(value: Any) -> str:
+    return _choice("TEXT", "JSON")(value).lower()
+
+
 def _names(value: Any) -> tuple[str, ...]:
     """A list of names, from a YAML list or a comma/semicolon separated string."""
     if isinstance(value, list | tuple):
@@ -269,6 +273,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", "LOAD_BALANCER_PORT", _port, "Port to listen on"),
     Setting("nodes", "LB_NODES", _nodes, "Upstream node URLs (comma separated)"),
     Setting("log_level", "LB_LOG_LEVEL", _log_level, "debug, info, warning, error"),
+    Setting("log_format", "LB_LOG_FORMAT", _log_format,
+            "text (readable lines) or json (one object per line)"),
     Setting("max_body_bytes", "LB_MAX_BODY_BYTES", _int(1), "Largest request body (413 above)"),
     Setting("max_header_bytes", "LB_MAX_HEADER_BYTES", _int(1024), "Largest header block (431)"),
     Setting("header_timeout", "LB_HEADER_TIMEOUT_SECS", _seconds, "Time to send a request (408)"),
@@ -332,6 +338,7 @@ class Settings:
     port: int = 8000
     nodes: tuple[NodeConfig, ...] = ()
     log_level: str = "info"
+    log_format: str = "text"
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     header_timeout: float = 10.0

@@ -47,6 +47,7 @@ from lb.http import encoding
 from lb.http.cors import CorsPolicy
 from lb.http.errors import error_body, error_headers
 from lb.http.types import ClientGone, Handler, Headers, Request, Response
+from lb.obs.logs import REQUEST_ID
 
 log = logging.getLogger("lb.http")
 
@@ -565,6 +566,7 @@ class HTTPServer:
         finally:
             conn.in_request = False
             conn.drain_scope = None
+            REQUEST_ID.set(None)
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
     async def _run_handler(self, sink: _Sink, request: Request) -> None:
@@ -573,6 +575,7 @@ class HTTPServer:
         body = b""
         try:
             request.request_id = self._request_id(request)
+            REQUEST_ID.set(request.request_id)  # every log line of the request carries it
             sink.tag(b"x-request-id", request.request_id.encode())
             if self.cors is not None and (preflight := self._cors(sink, request)) is not None:
                 response = preflight
