@@ -15,7 +15,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, debug, health, nodes, proxy
+from lb.api import admin, debug, health, metrics, nodes, proxy
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -24,6 +24,7 @@ from lb.config import ConfigError, NodeConfig, Settings
 from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
+from lb.obs.metrics import Metrics, MetricsCollector
 from lb.obs.nodes import NodeCounters
 from lb.obs.observer import Observers, RequestObserver
 from lb.routing.dispatch import Dispatcher
@@ -143,6 +144,13 @@ def build_router(
     counters = NodeCounters()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
     observers: list[RequestObserver] = [counters]
+    if settings.metrics:
+        counted = Metrics(settings.sentinels)
+        observers.append(counted)
+        metrics.add_routes(
+            router, MetricsCollector(counted, registry, litellm=settings.litellm_metrics),
+            settings.metrics_key,
+        )
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
