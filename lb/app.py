@@ -145,10 +145,10 @@ def build_router(
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
     observers: list[RequestObserver] = [counters]
     if settings.metrics:
-        counted = Metrics(settings.sentinels)
-        observers.append(counted)
+        request_metrics = Metrics(settings.sentinels)
+        observers.append(request_metrics)
         metrics.add_routes(
-            router, MetricsCollector(counted, registry, litellm=settings.litellm_metrics),
+            router, MetricsCollector(request_metrics, registry, litellm=settings.litellm_metrics),
             settings.metrics_key,
         )
     health.add_routes(router, lambda: server.draining)
