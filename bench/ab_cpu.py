@@ -12,7 +12,14 @@ repetition), so the noise of a shared machine falls on both alike. For each run,
     python bench/ab_cpu.py --tree before=/tmp/lb-before --tree after=. --reps 5 \\
         --requests 0 --paired 2000          # c=1 added latency only (as in proxy_bench.py)
 
-The mock runs from the first tree. Figures go to stdout; --json FILE keeps everything.
+Two trees may be the same path with a different environment, e.g. the cost of a feature that
+a setting turns off (`--env NAME:VAR=VALUE`, repeatable, applies to that tree's lb only):
+
+    python bench/ab_cpu.py --tree on=. --tree off=. --env off:LB_METRICS=0 --reps 5
+
+The mock runs from the first tree. Figures go to stdout, with the first tree's CPU per request
+over the second's, rep by rep (both ran within seconds of each other, so the ratio is the figure
+to trust on a shared machine); --json FILE keeps everything.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +50,46 @@ def resolve(tree: Path) -> str:
     return done.stdout.strip()
 
 
-def start_lb(cluster: pb.Cluster, mock: pb.Proc, tree: Path) -> pb.Proc:
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree)
+@contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `values` set (for the processes started meanwhile), then as it was."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        return cluster.lb(mock)
+        yield
     finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def start_lb(
+    cluster: pb.Cluster, mock: pb.Proc, tree: Path, env: Mapping[str, str] | None = None
+) -> pb.Proc:
+    with environ({**(env or {}), "PYTHONPATH": str(tree)}):
+        return cluster.lb(mock)
+
+
+def parse_envs(specs: list[str], trees: Mapping[str, Path]) -> dict[str, dict[str, str]]:
+    """`NAME:VAR=VALUE` items -> {tree name: {VAR: VALUE}}."""
+    envs: dict[str, dict[str, str]] = {name: {} for name in trees}
+    for spec in specs:
+        name, _, assignment = spec.partition(":")
+        var, sep, value = assignment.partition("=")
+        if name not in trees or not sep or not var:
+            raise SystemExit(f"--env {spec!r}: expected NAME:VAR=VALUE with NAME one of the trees")
+        envs[name][var] = value
+    return envs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
-                        help="an lb source tree to measure (repeat)")
+                        help="an lb source tree to measure (repeat; a path may repeat)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME:VAR=VALUE",
+                        help="set VAR for tree NAME's lb (repeat)")
     parser.add_argument("--reps", type=int, default=5, help="hey runs per tree and mode")
     parser.add_argument("--requests", type=int, default=20_000, help="requests per hey run")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -74,27 +107,25 @@ def main(argv: list[str] | None = None) -> int:
     trees: dict[str, Path] = {}
     for spec in args.tree:
         name, _, path = spec.partition("=")
+        if name in trees:
+            parser.error(f"--tree {name} is given twice")
         trees[name] = Path(path).resolve()
-        pb.log(f"{name}: lb from {resolve(trees[name])}")
+    envs = parse_envs(args.env, trees)
+    for name, path in trees.items():
+        extra_env = " ".join(f"{var}={value}" for var, value in envs[name].items())
+        pb.log(f"{name}: lb from {resolve(path)}" + (f" with {extra_env}" if extra_env else ""))
     pb.raise_fd_limit()
     logdir = Path(tempfile.mkdtemp(prefix="lb-ab-"))
     cluster = pb.Cluster(logdir)
     runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"profile": {}, "syscalls": {}, "paired": []}
     meta = {"load_before": pb.loadavg(), "machine": pb.machine(), "trees": {
-        name: str(path) for name, path in trees.items()}, "argv": sys.argv[1:]}
+        name: str(path) for name, path in trees.items()}, "env": envs, "argv": sys.argv[1:]}
     try:
         first = next(iter(trees.values()))
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = str(first)
-        try:
+        with environ({"PYTHONPATH": str(first)}):
             mock = cluster.mock(8, 0, 0)
-        finally:
-            if saved is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = saved
-        lbs = {name: start_lb(cluster, mock, path) for name, path in trees.items()}
+        lbs = {name: start_lb(cluster, mock, path, envs[name]) for name, path in trees.items()}
         pb.log(f"mock :{mock.port}; " + ", ".join(
             f"{name} :{lb.port} pid {lb.pid}" for name, lb in lbs.items()))
         for lb in lbs.values():
@@ -162,6 +193,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:10} {name:8} CPU ms/req median {statistics.median(values):.3f} "
                   f"[{min(values):.3f}, {max(values):.3f}]  req/s {pb.spread(rps)['median']:.0f}"
                   f"  errors {errors}  all: {' '.join(f'{v:.3f}' for v in values)}")
+    if len(trees) >= 2:
+        one, other = list(trees)[:2]
+        for mode in args.modes:
+            ratios = []
+            for rep in range(args.reps):
+                pair = {r["tree"]: r["cpu_ms_per_request"] for r in runs
+                        if r["rep"] == rep and r["mode"] == mode}
+                if one in pair and other in pair and pair[other] > 0:
+                    ratios.append(pair[one] / pair[other])
+            if ratios:
+                summary.append({"mode": mode, "ratio": f"{one}/{other}", "per_rep": ratios})
+                print(f"{mode:10} CPU per request {one}/{other} per rep: "
+                      f"{' '.join(f'{r:.3f}' for r in ratios)}  "
+                      f"(median {statistics.median(ratios):.3f})")
     labels = sorted({r["label"] for r in extra["paired"]}, key=str)
     for mode in args.modes:
         for label in labels:

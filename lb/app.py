@@ -15,7 +15,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, debug, health, nodes, proxy, stats
+from lb.api import admin, debug, health, metrics, nodes, proxy, stats
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -25,6 +25,7 @@ from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.obs.access_log import AccessLog
+from lb.obs.metrics import Metrics, MetricsCollector
 from lb.obs.nodes import NodeCounters
 from lb.obs.observer import Observers, RequestObserver
 from lb.obs.stats import RoutingStats
@@ -147,6 +148,13 @@ def build_router(
     routing_stats = RoutingStats()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
     observers: list[RequestObserver] = [counters, routing_stats, AccessLog()]
+    if settings.metrics:
+        request_metrics = Metrics(settings.sentinels)
+        observers.append(request_metrics)
+        metrics.add_routes(
+            router, MetricsCollector(request_metrics, registry, litellm=settings.litellm_metrics),
+            settings.metrics_key,
+        )
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,

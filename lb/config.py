@@ -324,6 +324,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_key", "LB_ADMIN_KEY", _text, "Bearer key of /v1/admin (empty: disabled)"),
     Setting("cors_origins", "LB_CORS_ORIGINS", _names,
             "Origins browsers may call lb from: a comma list, or * (empty: no CORS)"),
+    Setting("metrics", "LB_METRICS", _bool, "Count requests for /metrics (off: no /metrics)"),
+    Setting("metrics_key", "LB_METRICS_KEY", _text,
+            "Bearer key /metrics needs (empty: open)"),
+    Setting("litellm_metrics", "LB_LITELLM_METRICS", _bool,
+            "Also expose the counts under LiteLLM proxy's metric names"),
     Setting("demo", None, _bool, "Start two mock nodes in the same process"),
 )
 
@@ -374,6 +379,9 @@ class Settings:
     redis_sync_secs: float = 0.5
     admin_key: str = ""
     cors_origins: tuple[str, ...] = ()
+    metrics: bool = True
+    metrics_key: str = ""
+    litellm_metrics: bool = True
     demo: bool = False
 
     @property

@@ -15,16 +15,20 @@ from lb.http.routes import Router
 from lb.http.types import Request, Response
 
 
+def check_bearer(request: Request, key: str, what: str = "admin key",
+                 setting: str = "LB_ADMIN_KEY") -> None:
+    """401 unless the request carries `Authorization: Bearer <key>`."""
+    header = request.header(b"authorization") or b""
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized(f"Missing or invalid {what} (Authorization: Bearer <{setting}>)")
+
+
 def check_admin(request: Request, admin_key: str) -> None:
     if not admin_key:
         raise Forbidden("Admin endpoints are disabled; set LB_ADMIN_KEY to enable them",
                         code="admin_disabled")
-    header = request.header(b"authorization") or b""
-    scheme, _, token = header.decode("latin-1").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), admin_key.encode()
-    ):
-        raise Unauthorized("Missing or invalid admin key (Authorization: Bearer <LB_ADMIN_KEY>)")
+    check_bearer(request, admin_key)
 
 
 def require_admin_if_set(request: Request, admin_key: str) -> None:

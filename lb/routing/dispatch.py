@@ -294,10 +294,10 @@ class _Run:
         if not ordered:
             self._give_up()
         registry = self.dispatcher.registry
-        queued_at = trio.current_time()
+        # `now` moves only after a wait: a request that found a slot at once never queued.
+        now = queued_at = trio.current_time()
         queue_deadline = queued_at + self.dispatcher.settings.queue_timeout
         while True:
-            now = trio.current_time()
             token = object()
             any_open = False
             for node in ordered:
@@ -317,6 +317,7 @@ class _Run:
                 self._give_up()
             with trio.move_on_at(queue_deadline):
                 await registry.slot_freed.park()
+                now = trio.current_time()
                 continue
             self._queued(trio.current_time() - queued_at)
             raise CapacityExceeded(
