@@ -295,7 +295,9 @@ class Cluster:
         port = free_port()
         argv = [
             *lb_command(), "serve", "--node", f"{HOST}:{node.port}", "--host", HOST,
-            "--port", str(port), "--log-level", "warning",
+            # warning: no access log lines unless asked for (LB_LOG_LEVEL=info, e.g. through
+            # ab_cpu.py's --env, to measure with everything on)
+            "--port", str(port), "--log-level", os.environ.get("LB_LOG_LEVEL", "warning"),
         ]
         proc = Proc("lb", argv, port, self.logdir).start()
         self.procs.append(proc)

@@ -7,6 +7,7 @@ The raw client and helpers are those of test_http_server.py.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -41,6 +42,9 @@ def _capture_lb_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def open_fds() -> int:
+    """Descriptors open in this process, once garbage from earlier tests (sockets nothing
+    refers to any more) has been collected, so that only this test's changes show."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
