@@ -25,6 +25,7 @@ from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.obs.access_log import AccessLog
+from lb.obs.logs import flush_logs, flush_logs_forever
 from lb.obs.metrics import Metrics, MetricsCollector
 from lb.obs.nodes import NodeCounters
 from lb.obs.observer import Observers, RequestObserver
@@ -239,6 +240,7 @@ async def serve(
 
         if handle_signals:
             root.start_soon(watch_signals)
+        root.start_soon(flush_logs_forever)
         async with trio.open_nursery() as front:
             port = await front.start(server.serve, listeners)
             shown = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -248,4 +250,5 @@ async def serve(
             await fleet.leave()  # the fleet need not wait for our heartbeat to expire
             fleet.store.close()
         root.cancel_scope.cancel()
+    flush_logs()
     return FORCED_EXIT if forced else 0

@@ -24,7 +24,7 @@ from test_cli import lb_serve
 
 from lb.config import ConfigError, Settings, load_settings
 from lb.obs.access_log import AccessLog, access_fields, access_text
-from lb.obs.logs import REQUEST_ID, configure_logging, make_handler
+from lb.obs.logs import BATCH_BYTES, REQUEST_ID, configure_logging, make_handler
 from lb.obs.observer import Trace
 
 MODEL = "llama-3.1-8b"
@@ -104,10 +104,18 @@ def _logger(name: str, stream: io.StringIO, log_format: str, level: int) -> logg
     return logger
 
 
+def flush_logs_of(*names: str) -> None:
+    """Info lines are batched (lb flushes them twice a second): write them out now."""
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            handler.flush()
+
+
 def test_access_record_as_text_and_as_json() -> None:
     text, js = io.StringIO(), io.StringIO()
     AccessLog(_logger("test.access.text", text, "text", logging.INFO)).finished(chat_trace())
     AccessLog(_logger("test.access.json", js, "json", logging.INFO)).finished(chat_trace())
+    flush_logs_of("test.access.text", "test.access.json")
     line = text.getvalue()
     assert line.endswith(" INFO test.access.text: " + access_text(access_fields(chat_trace()))
                          + "\n")
@@ -231,12 +239,20 @@ class Logs:
 
     text: io.StringIO
     json: io.StringIO
+    handlers: list[logging.Handler] = attrs.field(factory=list)
 
     def lines(self) -> list[str]:
+        self.flush()
         return self.text.getvalue().splitlines()
 
     def records(self) -> list[dict[str, Any]]:
+        self.flush()
         return [json.loads(line) for line in self.json.getvalue().splitlines()]
+
+    def flush(self) -> None:
+        """Info lines are batched (lb flushes them twice a second): write them out now."""
+        for handler in self.handlers:
+            handler.flush()
 
     def access(self, request_id: str) -> tuple[str, dict[str, Any]]:
         """The access line of a request, as text and as JSON (exactly one of each)."""
@@ -252,6 +268,7 @@ def logs() -> Iterator[Logs]:
     logger = logging.getLogger("lb")
     captured = Logs(io.StringIO(), io.StringIO())
     handlers = [make_handler("text", captured.text), make_handler("json", captured.json)]
+    captured.handlers = handlers
     level = logger.level
     logger.setLevel(logging.DEBUG)
     for handler in handlers:
@@ -401,8 +418,25 @@ async def test_no_secret_reaches_a_log_line(nursery: trio.Nursery, logs: Logs) -
             nodes = await http.get(f"{lb.url}/v1/nodes",
                                    headers={"authorization": f"Bearer {secrets[3]}"})
             assert nodes.status_code == 200
+    logs.flush()
     text, js = logs.text.getvalue(), logs.json.getvalue()
     assert f"attempt 1 on {bad.key} failed" in text  # a failure was logged (at debug level)
     assert text.count(" lb.access: ") == 5 and js.count('"logger":"lb.access"') == 5
     for secret in secrets:
         assert secret not in text and secret not in js
+
+
+def test_info_lines_are_batched_and_warnings_go_out_at_once() -> None:
+    stream = io.StringIO()
+    logger = _logger("test.batching", stream, "text", logging.INFO)
+    logger.info("first")
+    logger.info("second")
+    assert stream.getvalue() == ""  # gathered: one write for many access lines
+    logger.warning("trouble")
+    assert stream.getvalue().splitlines()[-1].endswith("trouble")  # with what came before
+    assert len(stream.getvalue().splitlines()) == 3
+    for _ in range(BATCH_BYTES // 40 + 1):
+        logger.info("x" * 40)
+    assert len(stream.getvalue()) > BATCH_BYTES  # a full batch goes out by itself
+    flush_logs_of("test.batching")
+    assert stream.getvalue().endswith("x" * 40 + "\n")
