@@ -46,7 +46,7 @@ def chat_trace(**changes: Any) -> Trace:
 
 
 def test_text_line_of_a_chat() -> None:
-    assert access_text(access_fields(chat_trace())) == (
+    assert access_text(chat_trace()) == (
         "req=req-1 POST /v1/chat/completions model=auto resolved=llama-3.1-8b "
         "node=127.0.0.1:9001 status=200 attempts=1 ms=12.3 ttfb_ms=4.1 tokens=5+16 "
         "upstream=up-7 client=127.0.0.1:50412"
@@ -58,7 +58,7 @@ def test_text_line_of_a_stream_with_estimated_tokens_and_a_client_gone() -> None
         requested_model=MODEL, stream=True, prompt_tokens=None, usage_estimated=True,
         completion_tokens=7, client_gone=True, attempts=2, error="upstream_error",
     )
-    assert access_text(access_fields(trace)) == (
+    assert access_text(trace) == (
         "req=req-1 POST /v1/chat/completions model=llama-3.1-8b stream node=127.0.0.1:9001 "
         "status=200 attempts=2 ms=12.3 ttfb_ms=4.1 tokens=?+~7 error=upstream_error "
         "upstream=up-7 client=127.0.0.1:50412 client_gone"
@@ -70,7 +70,7 @@ def test_text_line_leaves_out_what_lb_does_not_know() -> None:
     trace = Trace("req-2", "chat", False, "", 5.0, client="10.0.0.9:4000",
                   path="/v1/chat/completions", status=400, error="invalid_json",
                   duration=0.0004)
-    assert access_text(access_fields(trace)) == (
+    assert access_text(trace) == (
         "req=req-2 POST /v1/chat/completions status=400 attempts=0 ms=0.4 error=invalid_json "
         "client=10.0.0.9:4000"
     )
@@ -79,7 +79,7 @@ def test_text_line_leaves_out_what_lb_does_not_know() -> None:
 def test_a_value_from_a_client_cannot_forge_a_line_or_a_field() -> None:
     trace = chat_trace(requested_model='x\nINFO lb.access: req=forged status=200 "', model=None,
                        upstream_request_id="a b")
-    line = access_text(access_fields(trace))
+    line = access_text(trace)
     assert "\n" not in line
     assert r'model="x\nINFO lb.access: req=forged status=200 \""' in line
     assert 'upstream="a b"' in line
@@ -117,14 +117,14 @@ def test_access_record_as_text_and_as_json() -> None:
     AccessLog(_logger("test.access.json", js, "json", logging.INFO)).finished(chat_trace())
     flush_logs_of("test.access.text", "test.access.json")
     line = text.getvalue()
-    assert line.endswith(" INFO test.access.text: " + access_text(access_fields(chat_trace()))
+    assert line.endswith(" INFO test.access.text: " + access_text(chat_trace())
                          + "\n")
     assert "[req=" not in line  # the line starts with req= itself
     record = json.loads(js.getvalue())
     assert record.pop("time").endswith("Z")
     assert record == {
         "level": "INFO", "logger": "test.access.json",
-        "message": access_text(access_fields(chat_trace())), **access_fields(chat_trace()),
+        "message": access_text(chat_trace()), **access_fields(chat_trace()),
     }
 
 

@@ -2,7 +2,7 @@
 
 The line's fields (`access_fields`) go with the record as its `access` attribute, so the JSON
 format (`lb.obs.logs`) writes them as top-level keys; the message is the readable text line
-(`access_text`):
+(`access_text`); both are built only when a handler formats the record:
 
     req=<id> POST /v1/chat/completions model=auto resolved=llama-3.1-8b stream
     node=127.0.0.1:9001 status=200 attempts=1 ms=12.3 ttfb_ms=4.1 tokens=5+16
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from lb.obs.observer import Outcome, Trace
@@ -62,39 +63,82 @@ def _value(text: str) -> str:
     return json.dumps(text)
 
 
-def access_text(fields: dict[str, Any]) -> str:
-    """The readable access line of `access_fields`."""
-    model = fields["model"]
-    resolved = fields["resolved_model"]
-    parts = [f"req={fields['request_id']} {fields['method']} {_value(fields['path'])}"]
+def access_text(trace: Trace) -> str:
+    """The readable access line (the same fields as `access_fields`, read from the trace
+    directly: this runs for every request)."""
+    model = trace.requested_model
+    resolved = trace.model
+    parts = [f"req={trace.request_id} POST {_value(trace.path)}"]
     if model:
         parts.append(f"model={_value(model)}")
     if resolved is not None and resolved != model:
         parts.append(f"resolved={_value(resolved)}")
-    if fields["stream"]:
+    if trace.stream:
         parts.append("stream")
-    if fields["node"] is not None:
-        parts.append(f"node={fields['node']}")
-    parts.append(f"status={fields['status']} attempts={fields['attempts']} "
-                 f"ms={fields['duration_ms']:.1f}")
-    if fields["ttfb_ms"] is not None:
-        parts.append(f"ttfb_ms={fields['ttfb_ms']:.1f}")
-    prompt, completion = fields["prompt_tokens"], fields["completion_tokens"]
+    if trace.node is not None:
+        parts.append(f"node={trace.node}")
+    parts.append(f"status={trace.status} attempts={trace.attempts} ms={trace.duration * 1000:.1f}")
+    if trace.first_byte is not None:
+        parts.append(f"ttfb_ms={trace.first_byte * 1000:.1f}")
+    prompt, completion = trace.prompt_tokens, trace.completion_tokens
     if prompt is not None or completion is not None:
-        estimated = "~" if fields["tokens_estimated"] else ""
+        estimated = "~" if trace.usage_estimated else ""
         parts.append(
             f"tokens={'?' if prompt is None else prompt}+"
             f"{'?' if completion is None else f'{estimated}{completion}'}"
         )
-    if fields["error"] is not None:
-        parts.append(f"error={_value(fields['error'])}")
-    if fields["upstream_request_id"] is not None:
-        parts.append(f"upstream={_value(fields['upstream_request_id'])}")
-    if fields["client"]:
-        parts.append(f"client={_value(fields['client'])}")
-    if fields["client_gone"]:
+    if trace.error is not None:
+        parts.append(f"error={_value(trace.error)}")
+    if trace.upstream_request_id is not None:
+        parts.append(f"upstream={_value(trace.upstream_request_id)}")
+    if trace.client:
+        parts.append(f"client={_value(trace.client)}")
+    if trace.client_gone:
         parts.append("client_gone")
     return " ".join(parts)
+
+
+class AccessRecord(logging.LogRecord):
+    """An access line's record, made without what `LogRecord.__init__` works out for every
+    line (caller, thread, process: none of it belongs in an access line), and with its text
+    and fields built only when a handler formats it."""
+
+    is_access = True
+
+    def __init__(self, name: str, trace: Trace) -> None:
+        # Not calling super().__init__ on purpose: this sets what formatters read.
+        created = time.time()
+        self.name = name
+        self.msg = ""
+        self.args = None
+        self.levelno = _INFO
+        self.levelname = "INFO"
+        self.pathname = self.filename = self.module = "access"
+        self.exc_info = None
+        self.exc_text = None
+        self.stack_info = None
+        self.lineno = 0
+        self.funcName = ""
+        self.created = created
+        self.msecs = (created - int(created)) * 1000
+        self.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+        self.thread = self.threadName = self.process = self.processName = None
+        self.request_id = trace.request_id
+        self._trace = trace
+        self._fields: dict[str, Any] | None = None
+        self._text: str | None = None
+
+    @property
+    def access(self) -> dict[str, Any]:
+        """The line's fields (the JSON format writes them as top-level keys)."""
+        if self._fields is None:
+            self._fields = access_fields(self._trace)
+        return self._fields
+
+    def getMessage(self) -> str:
+        if self._text is None:
+            self._text = access_text(self._trace)
+        return self._text
 
 
 class AccessLog:
@@ -121,7 +165,5 @@ class AccessLog:
 
     def finished(self, trace: Trace) -> None:
         logger = self.logger
-        if not logger.isEnabledFor(_INFO):
-            return
-        fields = access_fields(trace)
-        logger.info(access_text(fields), extra={"access": fields})
+        if logger.isEnabledFor(_INFO):
+            logger.handle(AccessRecord(logger.name, trace))

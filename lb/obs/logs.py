@@ -6,7 +6,8 @@ ends; trio tasks inherit their parent's context, so whatever runs for the reques
 attempts, breaker warnings) logs with it. `RequestIdFilter`, on the handler, copies it onto each
 record as `request_id`; it costs nothing for lines a disabled level drops before any handler.
 
-Access lines (`lb.access`) carry their fields as the record attribute `access` (a dict): the
+Access lines (`lb.access`) carry their fields as the record attribute `access` (a dict, built
+when a handler formats the line; `is_access` marks them): the
 JSON format puts them at the top level of the line's object.
 """
 
@@ -58,7 +59,7 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         fields = record.__dict__
         request_id = fields.get("request_id")
-        if request_id is None or "access" in fields:
+        if request_id is None or getattr(record, "is_access", False):
             return super().formatMessage(record)
         return (
             f"{record.asctime} {record.levelname} {record.name} [req={request_id}]: "
@@ -82,7 +83,7 @@ class JsonFormatter(logging.Formatter):
         request_id = fields.get("request_id")
         if request_id is not None:
             line["request_id"] = request_id
-        access = fields.get("access")
+        access = getattr(record, "access", None)
         if access is not None:
             line.update(access)
         if record.exc_info:
