@@ -26,6 +26,7 @@ from lb.http.cors import CorsPolicy
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
 from lb.obs.access_log import AccessLog
+from lb.obs.latency import LatencyTracker
 from lb.obs.logs import flush_logs, flush_logs_forever
 from lb.obs.metrics import Metrics, MetricsCollector
 from lb.obs.nodes import NodeCounters
@@ -148,8 +149,9 @@ def build_router(
     router = Router()
     counters = NodeCounters()
     routing_stats = RoutingStats()
+    latency = LatencyTracker()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
-    observers: list[RequestObserver] = [counters, routing_stats, AccessLog()]
+    observers: list[RequestObserver] = [counters, routing_stats, latency, AccessLog()]
     if settings.metrics:
         request_metrics = Metrics(settings.sentinels)
         observers.append(request_metrics)
@@ -174,7 +176,8 @@ def build_router(
         strategy=strategies.parse_strategy(settings.routing_strategy).value,
         admin_key=settings.admin_key,
     )
-    proxy.add_routes(router, Dispatcher(registry, settings, observer=Observers(observers)))
+    dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
+    proxy.add_routes(router, dispatcher)
     return router
 
 

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
+
 
 class ConfigError(ValueError):
     """A bad setting; the message names the setting and the value."""
@@ -113,6 +115,29 @@ def _choice(*choices: str) -> Callable[[Any], str]:
         return text
 
     return parse
+
+
+def _strategy(value: Any) -> str:
+    """A strategy name or alias (any case, `-` or space for `_`) -> its canonical name."""
+    text = _text(value)
+    try:
+        return parse_strategy(text).value
+    except ValueError:
+        raise ValueError(f"expected one of {', '.join(STRATEGIES)}") from None
+
+
+def _strategies(value: Any) -> tuple[str, ...]:
+    """A list of strategy names -> canonical names, in order, once each; empty, `*` or `all`:
+    every strategy."""
+    names = _names(value)
+    if not names or any(name.lower() in ("*", "all") for name in names):
+        return tuple(s.value for s in Strategy)
+    result: list[str] = []
+    for name in names:
+        canonical = _strategy(name)
+        if canonical not in result:
+            result.append(canonical)
+    return tuple(result)
 
 
 def _log_level(value: Any) -> str:
@@ -286,8 +311,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Client connections served at once (0 = from the file descriptor limit)"),
     Setting("keepalive_timeout", "LB_KEEPALIVE_SECS", _seconds, "Idle keep-alive connection life"),
     Setting("drain_timeout", "LB_DRAIN_SECS", _seconds, "Grace for requests in flight on SIGTERM"),
-    Setting("routing_strategy", "ROUTING_STRATEGY",
-            _choice("ROUND_ROBIN", "RANDOM", "LEAST_LOADED"), "How a node is chosen"),
+    Setting("routing_strategy", "ROUTING_STRATEGY", _strategy, "How a node is chosen"),
+    Setting("allowed_strategies", "ALLOWED_STRATEGIES", _strategies,
+            "Strategies a request may choose with x-lb-strategy (comma list; default: all)"),
     Setting("request_timeout", "REQUEST_TIMEOUT_SECS", _seconds, "One deadline per request (504)"),
     Setting("attempt_timeout", "ATTEMPT_TIMEOUT_SECS", _seconds,
             "Time for a node to send response headers"),
@@ -353,6 +379,7 @@ class Settings:
     keepalive_timeout: float = 30.0
     drain_timeout: float = 30.0
     routing_strategy: str = "LEAST_LOADED"
+    allowed_strategies: tuple[str, ...] = tuple(s.value for s in Strategy)
     request_timeout: float = 600.0
     attempt_timeout: float = 60.0
     stream_idle_timeout: float = 120.0

@@ -121,3 +121,16 @@ def test_readme_documents_every_setting() -> None:
         assert f"`{setting.name}`" in text, setting.name
         if setting.env:
             assert f"`{setting.env}`" in text, setting.env
+
+
+def test_strategy_settings_take_aliases_and_lists() -> None:
+    settings = load_settings(env={"ROUTING_STRATEGY": "latency-based-routing"})
+    assert settings.routing_strategy == "LATENCY_OPTIMIZED"
+    assert "COST_OPTIMIZED" in settings.allowed_strategies  # default: every strategy
+    settings = load_settings(env={"ALLOWED_STRATEGIES": "p2c, Simple-Shuffle,weighted"})
+    assert settings.allowed_strategies == ("P2C", "RANDOM")
+    assert load_settings(env={"ALLOWED_STRATEGIES": "*"}).allowed_strategies == (
+        load_settings().allowed_strategies
+    )
+    with pytest.raises(ConfigError, match="ALLOWED_STRATEGIES='p2c,fastest'"):
+        load_settings(env={"ALLOWED_STRATEGIES": "p2c,fastest"})

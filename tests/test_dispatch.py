@@ -34,6 +34,7 @@ from lb.obs.nodes import NodeCounters
 from lb.obs.observer import Observers, Trace
 from lb.routing.dispatch import Dispatcher
 from lb.routing.intent import RouteRequest
+from lb.routing.strategies import Strategy
 from lb.upstream.client import ConnectError, LocalResourceError, UpstreamClosed
 
 MODEL = "m1"
@@ -173,7 +174,7 @@ COUNTERS: dict[str, NodeCounters] = {}
 
 
 def dispatcher(*nodes: Node, **options: Any) -> Dispatcher:
-    settings = Settings(routing_strategy="ROUND_ROBIN", **options)
+    settings = Settings(**{"routing_strategy": "ROUND_ROBIN", **options})
     registry = Registry(nodes)
     counters = NodeCounters()
     for each in nodes:
@@ -548,3 +549,31 @@ async def test_a_close_delimited_stream_dying_inside_an_event_drops_the_half_eve
     with pytest.raises(UpstreamStreamError, match="before \\[DONE\\]"):
         await dispatcher(a).execute(intent(stream=True), sink, trace())
     assert sink.body == EVENT  # the error event follows a whole event, nothing glued
+
+
+async def test_plan_reads_latency_figures_only_for_the_strategies_that_need_them() -> None:
+    a, _ = node(port=1)
+    b, _ = node(port=2)
+    d = dispatcher(a, b, routing_strategy="LEAST_LOADED")
+    d.plan(intent())
+    d.plan(intent(strategy=Strategy.P2C))
+    assert not d.latency.active  # nothing is recorded for strategies that do not read it
+    d.plan(intent(strategy=Strategy.LATENCY_OPTIMIZED))
+    assert d.latency.active
+
+
+async def test_plan_orders_by_the_requests_strategy_and_prices() -> None:
+    cheap = Node.create(
+        NodeConfig("http://10.0.0.9:8000", labels={"price_in": "1", "price_out": "2"}),
+        capacity=0, breaker_threshold=3, breaker_ttl=30.0, upstream=ScriptedNode(deque()),
+    )
+    dear = Node.create(
+        NodeConfig("http://10.0.0.8:8000", labels={"price": "5"}),
+        capacity=0, breaker_threshold=3, breaker_ttl=30.0, upstream=ScriptedNode(deque()),
+    )
+    d = dispatcher(dear, cheap)  # ROUND_ROBIN
+    for _ in range(3):
+        plan = d.plan(intent(strategy=Strategy.COST_OPTIMIZED))
+        assert [n.key for n in plan.candidates] == [cheap.key, dear.key]
+        plan = d.plan(intent(strategy=Strategy.FAILOVER))
+        assert [n.key for n in plan.candidates] == [dear.key, cheap.key]

@@ -32,7 +32,7 @@ def test_a_bomb_stops_at_the_limit() -> None:
         decode(bomb, b"gzip", 1_000_000)
 
 
-@pytest.mark.parametrize("packed", [b"not gzip at all", gzip.compress(b"{}")[:-6]])
+@pytest.mark.parametrize("packed", [b"not gzip at all", gzip.compress(b"{}", mtime=0)[:-6]])
 def test_broken_or_truncated_streams_are_400(packed: bytes) -> None:
     with pytest.raises(BadRequest):
         decode(packed, b"gzip", 1000)

@@ -12,11 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.routing.strategies import (
+    NEEDS_LATENCY,
     STRATEGIES,
     Strategy,
+    cost_optimized,
+    failover,
+    latency_optimized,
     least_loaded,
+    load_balanced,
     order,
+    p2c,
     parse_strategy,
+    price_of,
     random_order,
     rendezvous,
     round_robin,
@@ -62,15 +69,22 @@ def node_lists(draw: st.DrawFn, min_size: int = 0, max_size: int = 8) -> list[No
 
 counters = st.integers(0, 10**9)
 seeds = st.integers(0, 2**32)
+# Figures (seconds or prices) for some of the nodes: keys drawn from the same 10.0.0.x range.
+figure_maps = st.dictionaries(
+    st.integers(1, 60).map(lambda i: f"10.0.0.{i}:8000"),
+    st.floats(0.0, 100.0, allow_nan=False),
+    max_size=10,
+)
 
 
 # ------------------------------------------------------------------------ all strategies
 
 
 @FAST
-@given(node_lists(), counters, seeds, st.text(max_size=12))
+@given(node_lists(), counters, seeds, st.text(max_size=12), figure_maps, figure_maps)
 def test_every_strategy_returns_a_new_permutation(
-    nodes: list[Node], counter: int, seed: int, session: str
+    nodes: list[Node], counter: int, seed: int, session: str,
+    latency: dict[str, float], prices: dict[str, float],
 ) -> None:
     before = list(nodes)
     results = [
@@ -78,7 +92,17 @@ def test_every_strategy_returns_a_new_permutation(
         random_order(nodes, random.Random(seed)),
         least_loaded(nodes, counter),
         rendezvous(nodes, session),
+        p2c(nodes, counter, random.Random(seed)),
+        failover(nodes),
+        latency_optimized(nodes, counter, latency),
+        load_balanced(nodes, counter, latency),
+        cost_optimized(nodes, counter, prices),
         *(order(s, nodes, counter=counter, rng=random.Random(seed)) for s in Strategy),
+        *(
+            order(s, nodes, counter=counter, rng=random.Random(seed), latency=latency,
+                  prices=prices)
+            for s in Strategy
+        ),
     ]
     for result in results:
         assert sorted(keys(result)) == sorted(keys(nodes))
@@ -305,6 +329,20 @@ def test_rendezvous_removal_moves_about_one_nth() -> None:
         ("RANDOM", Strategy.RANDOM),
         ("least_loaded", Strategy.LEAST_LOADED),
         ("Least_Loaded", Strategy.LEAST_LOADED),
+        ("p2c", Strategy.P2C),
+        ("power of two", Strategy.P2C),
+        ("weighted", Strategy.RANDOM),
+        ("failover", Strategy.FAILOVER),
+        ("latency_optimized", Strategy.LATENCY_OPTIMIZED),
+        ("load_balanced", Strategy.LOAD_BALANCED),
+        ("cost_optimized", Strategy.COST_OPTIMIZED),
+        # LiteLLM's router strategies
+        ("simple-shuffle", Strategy.RANDOM),
+        ("least-busy", Strategy.LEAST_LOADED),
+        ("latency-based-routing", Strategy.LATENCY_OPTIMIZED),
+        ("cost-based-routing", Strategy.COST_OPTIMIZED),
+        ("usage-based-routing", Strategy.LEAST_LOADED),
+        ("Latency Based Routing", Strategy.LATENCY_OPTIMIZED),
     ],
 )
 def test_parse_strategy(text: str, expected: Strategy) -> None:
@@ -320,4 +358,202 @@ def test_parse_strategy_rejects_unknown_naming_valid_values(text: str) -> None:
 
 def test_strategies_table_lists_every_strategy() -> None:
     assert set(STRATEGIES.values()) == set(Strategy)
-    assert set(STRATEGIES) == {"ROUND_ROBIN", "RANDOM", "LEAST_LOADED"}
+    assert {s.value for s in Strategy} <= set(STRATEGIES)
+    for name in STRATEGIES:  # every accepted name parses in the spellings users type
+        assert parse_strategy(name.lower().replace("_", "-")) is STRATEGIES[name]
+
+
+@FAST
+@given(node_lists(), counters, seeds, st.text(min_size=1, max_size=12))
+def test_a_session_outranks_every_strategy(
+    nodes: list[Node], counter: int, seed: int, session: str
+) -> None:
+    for strategy in Strategy:
+        got = order(strategy, nodes, counter=counter, rng=random.Random(seed), session=session,
+                    latency={n.key: 1.0 for n in nodes}, prices={n.key: 1.0 for n in nodes})
+        assert got == rendezvous(nodes, session)
+
+
+def test_order_dispatches_the_new_strategies() -> None:
+    nodes = [Node("a:1", inflight=5), Node("b:1", inflight=0), Node("c:1", inflight=3)]
+    latency = {"a:1": 0.1, "b:1": 0.3}
+    prices = {"c:1": 0.5}
+    def run(strategy: Strategy, seed: int = 3) -> list[Node]:
+        return order(strategy, nodes, counter=2, rng=random.Random(seed), latency=latency,
+                     prices=prices)
+
+    assert run(Strategy.P2C) == p2c(nodes, 2, random.Random(3))
+    assert run(Strategy.FAILOVER) == nodes
+    assert run(Strategy.LATENCY_OPTIMIZED) == latency_optimized(nodes, 2, latency)
+    assert run(Strategy.LOAD_BALANCED) == load_balanced(nodes, 2, latency)
+    assert run(Strategy.COST_OPTIMIZED) == cost_optimized(nodes, 2, prices)
+    assert {Strategy.LATENCY_OPTIMIZED, Strategy.LOAD_BALANCED} == NEEDS_LATENCY
+
+
+# ------------------------------------------------------------------------------ p2c
+
+
+@FAST
+@given(node_lists(min_size=2), counters, seeds)
+def test_p2c_first_never_the_unique_most_loaded(nodes: list[Node], counter: int, seed: int) -> None:
+    ref = ref_capacity(nodes)
+    got = p2c(nodes, counter, random.Random(seed))
+    loads = [load(n, ref) for n in got]
+    first, rest = loads[0], loads[1:]
+    assert first <= max(rest)  # it beat (or tied) the other node drawn
+    assert rest == sorted(rest)  # the rest by load
+
+
+def test_p2c_two_nodes_less_loaded_always_first() -> None:
+    nodes = [Node("busy:1", inflight=4), Node("idle:1", inflight=0)]
+    rng = random.Random(5)
+    for _ in range(100):
+        assert p2c(nodes, 0, rng)[0].key == "idle:1"
+
+
+def test_p2c_spreads_over_equal_nodes_and_avoids_the_busiest() -> None:
+    nodes = [Node(f"n{i}:1") for i in range(4)] + [Node("hot:1", inflight=50)]
+    rng = random.Random(11)
+    firsts = collections.Counter(p2c(nodes, i, rng)[0].key for i in range(2000))
+    assert "hot:1" not in firsts
+    for i in range(4):
+        assert 0.2 < firsts[f"n{i}:1"] / 2000 < 0.3  # expected 0.25
+
+
+# ------------------------------------------------------------------------------ failover
+
+
+@FAST
+@given(node_lists())
+def test_failover_keeps_the_configuration_order(nodes: list[Node]) -> None:
+    assert failover(nodes) == nodes
+    assert order(Strategy.FAILOVER, nodes, counter=7, rng=random.Random(0)) == nodes
+
+
+# ------------------------------------------------------------------------------ latency
+
+
+@FAST
+@given(node_lists(min_size=1), counters, figure_maps)
+def test_latency_optimized_unknown_idle_then_fastest_then_unknown_busy(
+    nodes: list[Node], counter: int, latency: dict[str, float]
+) -> None:
+    got = latency_optimized(nodes, counter, latency)
+    if len(nodes) == 1:
+        return
+    groups = [
+        0 if n.key not in latency and n.inflight == 0 else 1 if n.key in latency else 2
+        for n in got
+    ]
+    assert groups == sorted(groups)
+    figures = [latency[n.key] for n in got if n.key in latency]
+    assert figures == sorted(figures)
+
+
+def test_latency_optimized_prefers_the_fast_node_and_explores_new_ones() -> None:
+    fast, slow, new = Node("fast:1", inflight=3), Node("slow:1"), Node("new:1")
+    latency = {"fast:1": 0.05, "slow:1": 0.8}
+    assert keys(latency_optimized([slow, fast], 0, latency)) == ["fast:1", "slow:1"]
+    assert keys(latency_optimized([slow, fast, new], 0, latency)) == ["new:1", "fast:1", "slow:1"]
+    busy_new = Node("new:1", inflight=1)  # being measured already: last
+    assert keys(latency_optimized([busy_new, slow, fast], 0, latency))[-1] == "new:1"
+
+
+@FAST
+@given(node_lists(min_size=1), counters)
+def test_latency_optimized_without_figures_rotates_idle_nodes(
+    nodes: list[Node], start: int
+) -> None:
+    idle = [attrs.evolve(n, inflight=0) for n in nodes]
+    firsts = [latency_optimized(idle, start + i, {})[0].key for i in range(len(idle))]
+    assert sorted(firsts) == sorted(keys(idle))
+
+
+# ------------------------------------------------------------------------------ load balanced
+
+
+def lb_score(node: Node, ref: int, latency: dict[str, float], default: float) -> float:
+    if node.weight <= 0:
+        return float("inf")
+    return (1 + load(node, ref)) * latency.get(node.key, default) / node.weight
+
+
+@FAST
+@given(node_lists(min_size=1), counters, figure_maps)
+def test_load_balanced_is_sorted_by_its_formula(
+    nodes: list[Node], counter: int, latency: dict[str, float]
+) -> None:
+    ref = ref_capacity(nodes)
+    known = sorted(latency[n.key] for n in nodes if n.key in latency)
+    default = known[len(known) // 2] if known else 1.0
+    scores = [lb_score(n, ref, latency, default) for n in load_balanced(nodes, counter, latency)]
+    assert scores == sorted(scores)
+
+
+@FAST
+@given(node_lists(min_size=1), counters)
+def test_load_balanced_without_figures_is_weighted_least_loaded(
+    nodes: list[Node], counter: int
+) -> None:
+    ref = ref_capacity(nodes)
+    got = load_balanced(nodes, counter, None)
+    scores = [(1 + load(n, ref)) / n.weight for n in got]
+    assert scores == sorted(scores)
+
+
+def test_load_balanced_trades_latency_for_load() -> None:
+    latency = {"fast:1": 0.1, "slow:1": 0.2}
+    fast, slow = Node("fast:1", inflight=0, capacity=4), Node("slow:1", inflight=0, capacity=4)
+    assert load_balanced([slow, fast], 0, latency)[0].key == "fast:1"
+    # (1 + 4/4) * 0.1 = 0.2 vs (1 + 1/4) * 0.2 = 0.25: still the fast one
+    fast = attrs.evolve(fast, inflight=4)
+    slow = attrs.evolve(slow, inflight=1)
+    assert load_balanced([slow, fast], 0, latency)[0].key == "fast:1"
+    # (1 + 4/4) * 0.1 = 0.2 vs (1 + 0/4) * 0.15 = 0.15: now the slow, idle one
+    latency = {"fast:1": 0.1, "slow:1": 0.15}
+    slow = attrs.evolve(slow, inflight=0)
+    assert load_balanced([slow, fast], 0, latency)[0].key == "slow:1"
+
+
+# ------------------------------------------------------------------------------ cost
+
+
+@FAST
+@given(node_lists(min_size=1), counters, figure_maps)
+def test_cost_optimized_cheapest_first_unpriced_last(
+    nodes: list[Node], counter: int, prices: dict[str, float]
+) -> None:
+    got = cost_optimized(nodes, counter, prices)
+    ref = ref_capacity(nodes)
+    priced = [n for n in got if n.key in prices]
+    assert got[: len(priced)] == priced  # every priced node before every unpriced one
+    assert [(prices[n.key], load(n, ref)) for n in priced] == sorted(
+        (prices[n.key], load(n, ref)) for n in priced
+    )
+    unpriced = [load(n, ref) for n in got[len(priced):]]
+    assert unpriced == sorted(unpriced)
+
+
+@FAST
+@given(node_lists(), counters)
+def test_cost_optimized_without_prices_is_least_loaded(nodes: list[Node], counter: int) -> None:
+    assert cost_optimized(nodes, counter, {}) == least_loaded(nodes, counter)
+    assert cost_optimized(nodes, counter, None) == least_loaded(nodes, counter)
+
+
+@pytest.mark.parametrize(
+    ("labels", "price"),
+    [
+        ({}, None),
+        ({"rack": "a"}, None),
+        ({"price": "0.5"}, 0.5),
+        ({"price_in": "1e-6", "price_out": "2e-6"}, 3e-6),
+        ({"price_out": "2"}, 2.0),
+        ({"price": "0.1", "price_in": "9"}, 0.1),
+        ({"price": "cheap"}, None),
+        ({"price": "-1"}, None),
+        ({"price": "nan"}, None),
+    ],
+)
+def test_price_of_labels(labels: dict[str, str], price: float | None) -> None:
+    assert price_of(labels) == price

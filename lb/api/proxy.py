@@ -23,6 +23,9 @@ from lb.obs.observer import RequestObserver, Trace
 from lb.routing.dispatch import HOP_BY_HOP, Dispatcher
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind
+from lb.routing.strategies import Strategy, parse_strategy
+
+ALL_STRATEGIES = frozenset(Strategy)
 
 # path -> (kind, the field that must be present)
 _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
@@ -77,9 +80,10 @@ def validate(body: dict[str, Any], kind: ModelKind, required: str) -> bool:
 
 
 def route_request(
-    request: Request, kind: ModelKind, body: dict[str, Any], stream: bool, arrival: float
+    request: Request, kind: ModelKind, body: dict[str, Any], stream: bool, arrival: float,
+    allowed: frozenset[Strategy] = ALL_STRATEGIES,
 ) -> RouteRequest:
-    """The HTTP request as routing sees it."""
+    """The HTTP request as routing sees it; the client may choose a strategy of `allowed`."""
     session = request.header(b"x-session-id")
     if session is not None and _SESSION_ID.fullmatch(session) is None:
         raise BadRequest(
@@ -88,10 +92,26 @@ def route_request(
         )
     forced = request.query_params().get("node") if request.query else None
     raw = request.body
+    rewrite = False
+    strategy = None
+    header = request.header(b"x-lb-strategy")
+    if header is not None:
+        strategy = _strategy(header.decode("latin-1"), allowed, "x-lb-strategy")
+    if "strategy" in body:  # lb's, not the node's: removed (the header wins over it)
+        chosen = body["strategy"]
+        if not isinstance(chosen, str):
+            raise BadRequest("'strategy' must be a string", code="invalid_type",
+                             param="strategy")
+        if strategy is None:
+            strategy = _strategy(chosen, allowed, "strategy")
+        body = {key: value for key, value in body.items() if key != "strategy"}
+        rewrite = True
     if "max_completion_tokens" in body and "max_tokens" not in body:
         # llama-cpp-python and older servers know only max_tokens and would generate without
-        # a limit; only then is the body re-serialised.
+        # a limit.
         body = {**body, "max_tokens": body["max_completion_tokens"]}
+        rewrite = True
+    if rewrite:  # only then is the body re-serialised
         raw = orjson.dumps(body)
     return RouteRequest(
         model=body["model"],
@@ -105,8 +125,30 @@ def route_request(
         session=session.decode("ascii") if session else None,
         node=forced or None,
         prefer_small=request.header(b"x-prefer-small") in (b"1", b"true"),
+        strategy=strategy,
         headers=node_headers(request),
     )
+
+
+def _strategy(name: str, allowed: frozenset[Strategy], param: str) -> Strategy:
+    """The strategy a client asked for, if it may (400 otherwise)."""
+    try:
+        strategy = parse_strategy(name)
+    except ValueError:
+        raise BadRequest(
+            f"Unknown routing strategy {name!r}; this lb allows: {_names(allowed)}",
+            code="invalid_strategy", param=param,
+        ) from None
+    if strategy not in allowed:
+        raise BadRequest(
+            f"Routing strategy {name!r} is not allowed here; this lb allows: {_names(allowed)}",
+            code="strategy_not_allowed", param=param,
+        )
+    return strategy
+
+
+def _names(allowed: frozenset[Strategy]) -> str:
+    return ", ".join(s.value.lower() for s in Strategy if s in allowed)
 
 
 def node_headers(request: Request) -> Headers:
@@ -184,7 +226,9 @@ def add_routes(router: Router, dispatcher: Dispatcher) -> None:
                 body = parse_body(request.body)
                 stream = validate(body, kind, required)
                 trace.stream, trace.requested_model = stream, body["model"]
-                intent = route_request(request, kind, body, stream, trace.arrival)
+                intent = route_request(
+                    request, kind, body, stream, trace.arrival, dispatcher.allowed
+                )
             except LBError as exc:  # answered by the server before anything was routed
                 trace.status, trace.error = exc.status, exc.code
                 _finish(observer, trace)

@@ -46,6 +46,7 @@ from lb.errors import (
 )
 from lb.http.sse import EventSplitter
 from lb.http.types import ClientGone, Headers, ResponseSink
+from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
 from lb.routing import strategies
@@ -110,12 +111,18 @@ class Plan:
 class Dispatcher:
     def __init__(
         self, registry: Registry, settings: Settings, rng: random.Random | None = None,
-        observer: RequestObserver | None = None,
+        observer: RequestObserver | None = None, latency: LatencyTracker | None = None,
     ):
         self.registry = registry
         self.settings = settings
         self.observer: RequestObserver = observer or Observers()
         self.strategy = strategies.parse_strategy(settings.routing_strategy)
+        # What a request may choose for itself (ROUTING_STRATEGY always).
+        self.allowed = frozenset(
+            strategies.parse_strategy(name) for name in settings.allowed_strategies
+        ) | {self.strategy}
+        # Figures for the strategies that need them: the tracker must be among the observers.
+        self.latency = latency or LatencyTracker()
         self.sentinels = settings.sentinels
         self._counter = itertools.count()
         self._rng = rng or random.Random()
@@ -147,9 +154,17 @@ class Dispatcher:
         open_nodes = [node for node in nodes if blocked(node, now) is None]
         if not open_nodes:
             raise _nobody_serves(model, nodes, now)
+        strategy = intent.strategy or self.strategy
+        latency = prices = None
+        # Figures and prices only for the strategies that read them (the default does not).
+        if strategy is not strategies.Strategy.LEAST_LOADED and not intent.session:
+            if strategy in strategies.NEEDS_LATENCY:
+                latency = self.latency.figures(node.key for node in open_nodes)
+            elif strategy is strategies.Strategy.COST_OPTIMIZED:
+                prices = _prices(open_nodes)
         candidates = strategies.order(
-            self.strategy, open_nodes, counter=next(self._counter), rng=self._rng,
-            session=intent.session,
+            strategy, open_nodes, counter=next(self._counter), rng=self._rng,
+            session=intent.session, latency=latency, prices=prices,
         )
         return Plan(
             path=PATHS[intent.kind],
@@ -524,6 +539,16 @@ class _Run:
                 self.dispatcher.registry.breaker_opened(node, until)
         else:
             breaker.release_probe()
+
+
+def _prices(nodes: Sequence[Node]) -> dict[str, float]:
+    """Price per token of the nodes that have one (labels `price`, or `price_in`+`price_out`)."""
+    prices = {}
+    for node in nodes:
+        price = strategies.price_of(node.config.labels)
+        if price is not None:
+            prices[node.key] = price
+    return prices
 
 
 def _nobody_serves(model: str, nodes: Sequence[Node], now: float) -> LBError:

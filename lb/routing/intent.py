@@ -10,6 +10,7 @@ import attrs
 
 from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
+from lb.routing.strategies import Strategy
 
 
 @attrs.frozen(slots=True)
@@ -25,4 +26,5 @@ class RouteRequest:
     session: str | None = None  # sticky-session key
     node: str | None = None  # a forced node, host:port (no failover)
     prefer_small: bool = False
+    strategy: Strategy | None = None  # the client's choice (None: ROUTING_STRATEGY)
     headers: Headers = attrs.field(factory=list)  # end-to-end headers to send to the node

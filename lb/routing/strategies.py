@@ -13,17 +13,24 @@ import enum
 import hashlib
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 __all__ = [
+    "NEEDS_LATENCY",
     "STRATEGIES",
     "Candidate",
     "Strategy",
+    "cost_optimized",
+    "failover",
+    "latency_optimized",
     "least_loaded",
+    "load_balanced",
     "order",
+    "p2c",
     "parse_strategy",
+    "price_of",
     "random_order",
     "rendezvous",
     "round_robin",
@@ -95,10 +102,122 @@ def least_loaded(cands: Sequence[C], counter: int) -> list[C]:
     """
     if len(cands) <= 1:
         return list(cands)
-    ref = max((c.capacity for c in cands if c.capacity > 0), default=1)
     # Rotation first, then a stable sort: ties keep the rotated order.
-    rotated = _rotated(cands, counter)
-    return sorted(rotated, key=lambda c: c.inflight / (c.capacity if c.capacity > 0 else ref))
+    return sorted(_rotated(cands, counter), key=_load_fn(cands))
+
+
+def _load_fn(cands: Sequence[C]) -> Callable[[C], float]:
+    """A node's load, ``inflight / capacity``; uncapped nodes against the largest cap among
+    ``cands`` (1 if none is capped)."""
+    ref = max((c.capacity for c in cands if c.capacity > 0), default=1)
+    return lambda c: c.inflight / (c.capacity if c.capacity > 0 else ref)
+
+
+def p2c(cands: Sequence[C], counter: int, rng: random.Random) -> list[C]:
+    """Power of two choices: two candidates drawn at random (uniformly, weights aside), the less
+    loaded of the two first (the first drawn on a tie); then every other node, the loser of the
+    draw included, by load as `least_loaded` orders them (ties rotated by ``counter``).
+
+    Two random picks avoid the herd that a strict least-loaded order sends to one node when
+    every instance reads the same stale loads, and still almost always miss the busiest.
+    """
+    if len(cands) <= 1:
+        return list(cands)
+    load = _load_fn(cands)
+    i, j = rng.sample(range(len(cands)), 2)
+    first = cands[j] if load(cands[j]) < load(cands[i]) else cands[i]
+    # Loads measured against the whole set, as the draw measured them.
+    rest = sorted(_rotated([c for c in cands if c is not first], counter), key=load)
+    return [first, *rest]
+
+
+def failover(cands: Sequence[C]) -> list[C]:
+    """Strict configuration order: the first node takes every request; dispatch moves on to the
+    next only when one is down (not a candidate), its breaker is open or it is full."""
+    return list(cands)
+
+
+def _known_first(
+    cands: Sequence[C], counter: int, figures: Mapping[str, float]
+) -> tuple[list[C], list[C], list[C]]:
+    """(unknown and idle, known, unknown and busy) candidates, each in rotated order."""
+    idle: list[C] = []
+    known: list[C] = []
+    busy: list[C] = []
+    for cand in _rotated(cands, counter):
+        if cand.key in figures:
+            known.append(cand)
+        elif cand.inflight == 0:
+            idle.append(cand)
+        else:
+            busy.append(cand)
+    return idle, known, busy
+
+
+def latency_optimized(
+    cands: Sequence[C], counter: int, latency: Mapping[str, float] | None
+) -> list[C]:
+    """Lowest recent latency first (``latency``: node key -> seconds, from the observer, already
+    decayed by age; a node missing from it is unknown).
+
+    Exploration: an unknown node with nothing in flight goes *first* (one request measures it,
+    a stale figure having decayed to unknown gets measured again the same way); the known ones
+    follow by ascending latency, then by load; unknown nodes that already have requests in
+    flight (their figure is on its way) go last. Ties are rotated by ``counter``.
+    """
+    if len(cands) <= 1:
+        return list(cands)
+    figures = latency or {}
+    idle, known, busy = _known_first(cands, counter, figures)
+    load = _load_fn(cands)
+    known.sort(key=lambda c: (figures[c.key], load(c)))
+    return [*idle, *known, *busy]
+
+
+def load_balanced(
+    cands: Sequence[C], counter: int, latency: Mapping[str, float] | None
+) -> list[C]:
+    """Weighted least-loaded with recent latency: ascending
+
+        score = (1 + load) * latency / weight
+
+    ``load`` is ``inflight / capacity`` as `least_loaded` measures it, ``latency`` the node's
+    recent figure in seconds (a node without one counts as the median of the known figures;
+    with none known every node counts 1, and this is least-loaded weighted by ``weight``). So a
+    node twice as fast takes about twice the load before it ranks below the slower one.
+    Non-positive weights go last; ties are rotated by ``counter``.
+    """
+    if len(cands) <= 1:
+        return list(cands)
+    figures = latency or {}
+    known = sorted(figures[c.key] for c in cands if c.key in figures)
+    default = known[len(known) // 2] if known else 1.0
+    load = _load_fn(cands)
+
+    def score(cand: C) -> float:
+        w = cand.weight
+        if w <= 0:
+            return math.inf
+        return (1.0 + load(cand)) * figures.get(cand.key, default) / w
+
+    return sorted(_rotated(cands, counter), key=score)
+
+
+def cost_optimized(
+    cands: Sequence[C], counter: int, prices: Mapping[str, float] | None
+) -> list[C]:
+    """Cheapest first (``prices``: node key -> price per token), equal prices by load; nodes
+    without a price follow, by load. With no prices at all this is `least_loaded`."""
+    if len(cands) <= 1:
+        return list(cands)
+    if not prices:
+        return least_loaded(cands, counter)
+    load = _load_fn(cands)
+    priced = [c for c in _rotated(cands, counter) if c.key in prices]
+    unpriced = [c for c in _rotated(cands, counter) if c.key not in prices]
+    priced.sort(key=lambda c: (prices[c.key], load(c)))
+    unpriced.sort(key=load)
+    return [*priced, *unpriced]
 
 
 _U_SCALE = 2.0**-53
@@ -131,19 +250,42 @@ def rendezvous(cands: Sequence[C], session_key: str) -> list[C]:
 
 
 class Strategy(enum.Enum):
-    """Values of the ``ROUTING_STRATEGY`` setting."""
+    """Values of the ``ROUTING_STRATEGY`` setting (and of ``x-lb-strategy``)."""
 
     ROUND_ROBIN = "ROUND_ROBIN"
-    RANDOM = "RANDOM"
+    RANDOM = "RANDOM"  # weighted by `weight`; WEIGHTED and LiteLLM's simple-shuffle are this
     LEAST_LOADED = "LEAST_LOADED"
+    P2C = "P2C"
+    FAILOVER = "FAILOVER"
+    LATENCY_OPTIMIZED = "LATENCY_OPTIMIZED"
+    LOAD_BALANCED = "LOAD_BALANCED"
+    COST_OPTIMIZED = "COST_OPTIMIZED"
 
 
-#: Accepted ``ROUTING_STRATEGY`` spellings (after upper-casing) to strategies.
-STRATEGIES: Mapping[str, Strategy] = MappingProxyType({s.value: s for s in Strategy})
+#: Accepted spellings (upper case, ``_`` for ``-`` and spaces) to strategies: lb's own names,
+#: AILB's (``round_robin``, ``cost_optimized``, ``latency_optimized``, ``load_balanced``,
+#: ``failover``, ``random``) and LiteLLM's router strategies.
+STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
+    {
+        **{s.value: s for s in Strategy},
+        "WEIGHTED": Strategy.RANDOM,
+        "POWER_OF_TWO": Strategy.P2C,
+        "SIMPLE_SHUFFLE": Strategy.RANDOM,
+        "LEAST_BUSY": Strategy.LEAST_LOADED,
+        "LATENCY_BASED_ROUTING": Strategy.LATENCY_OPTIMIZED,
+        "COST_BASED_ROUTING": Strategy.COST_OPTIMIZED,
+        # LiteLLM's counts tokens/requests against each deployment's tpm/rpm; lb has no such
+        # limits per node yet, so the closest is the least loaded.
+        "USAGE_BASED_ROUTING": Strategy.LEAST_LOADED,
+    }
+)
+
+#: Strategies that read the latency figures (dispatch fetches them only for these).
+NEEDS_LATENCY = frozenset({Strategy.LATENCY_OPTIMIZED, Strategy.LOAD_BALANCED})
 
 
 def parse_strategy(text: str) -> Strategy:
-    """Parse ``ROUTING_STRATEGY`` case-insensitively; ``-`` and spaces count as ``_``."""
+    """Parse a strategy name case-insensitively; ``-`` and spaces count as ``_``."""
     name = text.strip().upper().replace("-", "_").replace(" ", "_")
     try:
         return STRATEGIES[name]
@@ -152,18 +294,47 @@ def parse_strategy(text: str) -> Strategy:
         raise ValueError(f"invalid routing strategy {text!r}; expected one of: {valid}") from None
 
 
+def price_of(labels: Mapping[str, str]) -> float | None:
+    """A node's price per token from its labels: ``price``, else ``price_in`` + ``price_out``
+    (either alone counts); None when it has none or one is not a number >= 0."""
+    text = labels.get("price")
+    try:
+        if text is not None:
+            price = float(text)
+        elif "price_in" in labels or "price_out" in labels:
+            price = float(labels.get("price_in", 0)) + float(labels.get("price_out", 0))
+        else:
+            return None
+    except ValueError:
+        return None
+    return price if math.isfinite(price) and price >= 0 else None
+
+
 def order(
     strategy: Strategy, cands: Sequence[C], *, counter: int, rng: random.Random,
-    session: str | None = None,
+    session: str | None = None, latency: Mapping[str, float] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> list[C]:
     """Order ``cands`` by ``strategy`` (by ``session`` first: a sticky session outranks any
-    strategy); the one entry point, so every caller gets the same fallbacks."""
+    strategy); the one entry point, so every caller gets the same fallbacks. ``latency`` (node
+    key -> recent seconds) is read by `NEEDS_LATENCY` strategies, ``prices`` (node key -> price
+    per token) by COST_OPTIMIZED."""
     if len(cands) <= 1:
         return list(cands)
     if session:
         return rendezvous(cands, session)
+    if strategy is Strategy.LEAST_LOADED:
+        return least_loaded(cands, counter)
     if strategy is Strategy.ROUND_ROBIN:
         return round_robin(cands, counter)
     if strategy is Strategy.RANDOM:
         return random_order(cands, rng)
-    return least_loaded(cands, counter)
+    if strategy is Strategy.P2C:
+        return p2c(cands, counter, rng)
+    if strategy is Strategy.FAILOVER:
+        return failover(cands)
+    if strategy is Strategy.LATENCY_OPTIMIZED:
+        return latency_optimized(cands, counter, latency)
+    if strategy is Strategy.LOAD_BALANCED:
+        return load_balanced(cands, counter, latency)
+    return cost_optimized(cands, counter, prices)
