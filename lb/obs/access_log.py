@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any
 
-from lb.obs.observer import Outcome, Trace
+from lb.obs.observer import Observer, Trace
 
 ACCESS_LOGGER = "lb.access"
 _INFO = logging.INFO
@@ -141,27 +141,13 @@ class AccessRecord(logging.LogRecord):
         return self._text
 
 
-class AccessLog:
+class AccessLog(Observer):
     """The request observer that writes the access log."""
 
     __slots__ = ("logger",)
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
-
-    def started(self, trace: Trace) -> None:
-        pass
-
-    def queued(self, trace: Trace, seconds: float) -> None:
-        pass
-
-    def attempt_finished(
-        self, trace: Trace, node: str, outcome: Outcome, status: int | None, seconds: float
-    ) -> None:
-        pass
-
-    def first_byte(self, trace: Trace, seconds: float) -> None:
-        pass
 
     def finished(self, trace: Trace) -> None:
         logger = self.logger

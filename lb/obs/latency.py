@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 import attrs
 import trio
 
-from lb.obs.observer import Outcome, Trace
+from lb.obs.observer import Observer, Outcome, Trace
 
 ALPHA = 0.3
 HALF_LIFE = 30.0
@@ -66,7 +66,7 @@ class _Figures:
 
 
 @attrs.define(eq=False)
-class LatencyTracker:
+class LatencyTracker(Observer):
     """The observer, and what dispatch asks for figures. `clock`: the trio clock by default."""
 
     clock: Callable[[], float] = trio.current_time
@@ -75,12 +75,6 @@ class LatencyTracker:
     max_keys: int = MAX_KEYS
     active: bool = False  # record events: set by the first `figures` call
     nodes: dict[str, _Figures] = attrs.field(factory=dict)
-
-    def started(self, trace: Trace) -> None:
-        pass
-
-    def queued(self, trace: Trace, seconds: float) -> None:
-        pass
 
     def attempt_finished(
         self, trace: Trace, node: str, outcome: Outcome, status: int | None, seconds: float
@@ -101,12 +95,6 @@ class LatencyTracker:
         figures.ttft = ewma(figures.ttft, ttft)
         figures.updated = now
         self.nodes[node] = figures
-
-    def first_byte(self, trace: Trace, seconds: float) -> None:
-        pass
-
-    def finished(self, trace: Trace) -> None:
-        pass
 
     def figures(self, keys: Iterable[str], measure: str = "ttft") -> dict[str, float]:
         """Recent seconds per node of ``keys`` that has a fresh figure (see `decayed`);

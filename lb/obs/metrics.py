@@ -31,7 +31,7 @@ from prometheus_client.metrics_core import (
 from lb import errors
 from lb.cluster.breaker import BreakerState
 from lb.cluster.registry import Registry
-from lb.obs.observer import Outcome, Trace
+from lb.obs.observer import Observer, Outcome, Trace
 
 # Seconds, from a cached answer to a long generation.
 BUCKETS: tuple[float, ...] = (
@@ -104,7 +104,7 @@ class _ModelStats:
         self.disconnects = 0
 
 
-class Metrics:
+class Metrics(Observer):
     """The request observer behind `/metrics`: reads each `Trace` once, when it finished (and
     each attempt's outcome), and only counts."""
 
@@ -121,19 +121,10 @@ class Metrics:
         self.attempts_per_request = Histogram(ATTEMPT_BUCKETS)
         self._error_status = _error_statuses()
 
-    def started(self, trace: Trace) -> None:
-        pass
-
-    def queued(self, trace: Trace, seconds: float) -> None:
-        pass  # the total is read from the trace at the end
-
     def attempt_finished(
         self, trace: Trace, node: str, outcome: Outcome, status: int | None, seconds: float
     ) -> None:
         self.attempts[node, outcome] += 1
-
-    def first_byte(self, trace: Trace, seconds: float) -> None:
-        pass  # read from the trace at the end
 
     def finished(self, trace: Trace) -> None:
         model = trace.model

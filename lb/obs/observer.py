@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -74,30 +74,69 @@ class RequestObserver(Protocol):
     def finished(self, trace: Trace) -> None: ...
 
 
-@attrs.frozen
-class Observers:
-    """Several observers as one; an empty one costs a loop over nothing."""
+class Observer:
+    """A `RequestObserver` that ignores every event: observers subclass it and override only
+    the events they care for (which also lets `Observers` skip the rest)."""
 
-    observers: Sequence[RequestObserver] = ()
+    __slots__ = ()
 
     def started(self, trace: Trace) -> None:
-        for observer in self.observers:
-            observer.started(trace)
+        pass
 
     def queued(self, trace: Trace, seconds: float) -> None:
-        for observer in self.observers:
-            observer.queued(trace, seconds)
+        pass
 
     def attempt_finished(
         self, trace: Trace, node: str, outcome: Outcome, status: int | None, seconds: float
     ) -> None:
-        for observer in self.observers:
-            observer.attempt_finished(trace, node, outcome, status, seconds)
+        pass
 
     def first_byte(self, trace: Trace, seconds: float) -> None:
-        for observer in self.observers:
-            observer.first_byte(trace, seconds)
+        pass
 
     def finished(self, trace: Trace) -> None:
-        for observer in self.observers:
-            observer.finished(trace)
+        pass
+
+
+class Observers(Observer):
+    """Several observers as one; each event goes only to those that listen for it."""
+
+    __slots__ = ("_attempt", "_finished", "_first_byte", "_queued", "_started", "observers")
+
+    def __init__(self, observers: Sequence[RequestObserver] = ()) -> None:
+        self.observers = tuple(observers)
+
+        def listening(event: str) -> tuple[Any, ...]:
+            ignored = getattr(Observer, event)
+            return tuple(
+                getattr(each, event) for each in self.observers
+                if getattr(type(each), event, None) is not ignored
+            )
+
+        self._started = listening("started")
+        self._queued = listening("queued")
+        self._attempt = listening("attempt_finished")
+        self._first_byte = listening("first_byte")
+        self._finished = listening("finished")
+
+    def started(self, trace: Trace) -> None:
+        for started in self._started:
+            started(trace)
+
+    def queued(self, trace: Trace, seconds: float) -> None:
+        for queued in self._queued:
+            queued(trace, seconds)
+
+    def attempt_finished(
+        self, trace: Trace, node: str, outcome: Outcome, status: int | None, seconds: float
+    ) -> None:
+        for attempt_finished in self._attempt:
+            attempt_finished(trace, node, outcome, status, seconds)
+
+    def first_byte(self, trace: Trace, seconds: float) -> None:
+        for first_byte in self._first_byte:
+            first_byte(trace, seconds)
+
+    def finished(self, trace: Trace) -> None:
+        for finished in self._finished:
+            finished(trace)

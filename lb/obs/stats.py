@@ -28,7 +28,7 @@ from typing import TypedDict
 import attrs
 import trio
 
-from lb.obs.observer import Outcome, Trace
+from lb.obs.observer import Observer, Outcome, Trace
 
 WINDOW_SECS = 300.0
 WINDOW_SIZE = 1024  # observations kept per node or model (and per measure)
@@ -135,7 +135,7 @@ def _success_rate(requests: int, failures: int) -> float | None:
 
 
 @attrs.define(eq=False)
-class RoutingStats:
+class RoutingStats(Observer):
     """The observer. `clock` gives the time observations are stamped and read with."""
 
     clock: Callable[[], float] = trio.current_time
@@ -157,12 +157,6 @@ class RoutingStats:
 
     # --- RequestObserver --------------------------------------------------------------------
 
-    def started(self, trace: Trace) -> None:
-        pass
-
-    def queued(self, trace: Trace, seconds: float) -> None:
-        pass
-
     def attempt_finished(
         self, trace: Trace, node: str, outcome: Outcome, status: int | None, seconds: float
     ) -> None:
@@ -172,9 +166,6 @@ class RoutingStats:
             series.failures += 1
         elif outcome is Outcome.SUCCESS:
             series.latency.add(self.clock(), seconds)
-
-    def first_byte(self, trace: Trace, seconds: float) -> None:
-        pass  # read from the trace once it has finished
 
     def finished(self, trace: Trace) -> None:
         model = trace.model
