@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import select
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -344,3 +345,34 @@ async def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(
         await assert_serving_lb(lb.port)
         lb.stop()
         node.stop()
+
+
+# --- the send timeout ------------------------------------------------------------------------
+
+
+async def test_a_slow_reader_of_a_large_answer_is_not_a_stalled_one() -> None:
+    """LB_SEND_TIMEOUT_SECS bounds each wait for the client to make room, not the whole
+    transfer: a client that keeps reading, slowly, gets all of a large answer."""
+    body = os.urandom(1 << 20)
+
+    async def handler(request: Request) -> Response:
+        if request.path != "/big":
+            return await echo(request)
+        return Response(200, [(b"content-type", b"application/octet-stream")], body)
+
+    with trio.fail_after(20):
+        async with serving(handler, send_timeout=0.3) as (_, port):
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            received = bytearray()
+            started = trio.current_time()
+            while data := await stream.receive_some(16384):
+                received += data
+                await trio.sleep(0.01)  # a slow reader: the transfer outlasts send_timeout
+            assert trio.current_time() - started > 0.3
+            assert received.endswith(body)
+            await stream.aclose()
+            await assert_serving(port)

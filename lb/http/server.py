@@ -119,9 +119,9 @@ class _Connection:
 
     async def write(self, data: bytes) -> None:
         """Write to the client: straight to the socket when it takes everything (the common
-        case costs one syscall and no cancel scope); else wait for it, but no longer than
-        send_timeout. A write that was cut off leaves the connection `broken`: no byte may
-        follow half a chunk, so nothing more is written and the connection is closed."""
+        case costs one syscall and no cancel scope); else wait for room, each wait no longer
+        than send_timeout. A write that was cut off leaves the connection `broken`: no byte
+        may follow half a chunk, so nothing more is written and the connection is closed."""
         if self.broken:
             raise ClientGone("an earlier write to this client was cut off")
         try:
@@ -135,14 +135,20 @@ class _Connection:
             await self._write_slowly(memoryview(data)[sent:])
 
     async def _write_slowly(self, rest: memoryview) -> None:
+        """The rest of a write the socket could not take at once; send_timeout bounds each
+        wait for the client to make room, not the whole transfer (a slow reader of a large
+        answer is not a stalled one)."""
         self.broken = True  # until every byte is out (a cancel may cut this write short)
-        with trio.move_on_after(self.send_timeout) as scope:
-            try:
-                await self.stream.send_all(rest)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise ClientGone("the client went away during a write") from None
-        if scope.cancelled_caught:
-            raise ClientGone(f"the client read nothing for {self.send_timeout:g}s")
+        sock = self.stream.socket
+        while rest:
+            with trio.move_on_after(self.send_timeout) as scope:
+                try:
+                    sent = await sock.send(rest)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise ClientGone("the client went away during a write") from None
+            if scope.cancelled_caught:
+                raise ClientGone(f"the client read nothing for {self.send_timeout:g}s")
+            rest = rest[sent:]
         self.broken = False
 
     def poll(self) -> Any:
