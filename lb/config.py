@@ -75,6 +75,18 @@ def _seconds(value: Any) -> float:
     return number
 
 
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a finite number >= 0")
+    return number
+
+
 def _positive_seconds(value: Any) -> float:
     number = _seconds(value)
     if number <= 0:
@@ -314,6 +326,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("routing_strategy", "ROUTING_STRATEGY", _strategy, "How a node is chosen"),
     Setting("allowed_strategies", "ALLOWED_STRATEGIES", _strategies,
             "Strategies a request may choose with x-lb-strategy (comma list; default: all)"),
+    Setting("prefix_aware_blocks", "PREFIX_AWARE_BLOCKS", _int(1),
+            "PREFIX_AWARE: leading prompt blocks (256 bytes) hashed per request"),
+    Setting("prefix_aware_index_size", "PREFIX_AWARE_INDEX_SIZE", _int(1),
+            "PREFIX_AWARE: block -> node entries remembered (least recently used go first)"),
+    Setting("prefix_aware_balance", "PREFIX_AWARE_BALANCE", _ratio,
+            "PREFIX_AWARE: a prefix's node is passed over above (1 + this) x the mean load"),
     Setting("request_timeout", "REQUEST_TIMEOUT_SECS", _seconds, "One deadline per request (504)"),
     Setting("attempt_timeout", "ATTEMPT_TIMEOUT_SECS", _seconds,
             "Time for a node to send response headers"),
@@ -380,6 +398,9 @@ class Settings:
     drain_timeout: float = 30.0
     routing_strategy: str = "LEAST_LOADED"
     allowed_strategies: tuple[str, ...] = tuple(s.value for s in Strategy)
+    prefix_aware_blocks: int = 16
+    prefix_aware_index_size: int = 100_000
+    prefix_aware_balance: float = 0.25
     request_timeout: float = 600.0
     attempt_timeout: float = 60.0
     stream_idle_timeout: float = 120.0

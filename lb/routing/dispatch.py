@@ -49,7 +49,7 @@ from lb.http.types import ClientGone, Headers, ResponseSink
 from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
-from lb.routing import strategies
+from lb.routing import prefix, strategies
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind, resolve_model
@@ -126,6 +126,8 @@ class Dispatcher:
         self.sentinels = settings.sentinels
         self._counter = itertools.count()
         self._rng = rng or random.Random()
+        # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
+        self.prefixes = prefix.PrefixIndex(settings.prefix_aware_index_size)
 
     def plan(self, intent: RouteRequest, trace: Trace | None = None) -> Plan:
         """Resolve the model and order the nodes that may take the request (no I/O); the
@@ -155,17 +157,25 @@ class Dispatcher:
         if not open_nodes:
             raise _nobody_serves(model, nodes, now)
         strategy = intent.strategy or self.strategy
-        latency = prices = None
-        # Figures and prices only for the strategies that read them (the default does not).
+        latency = prices = hint = None
+        chain: tuple[bytes, ...] = ()
+        # Figures, prices and prefixes only for the strategies that read them (the default does
+        # not).
         if strategy is not strategies.Strategy.LEAST_LOADED and not intent.session:
             if strategy in strategies.NEEDS_LATENCY:
                 latency = self.latency.figures(node.key for node in open_nodes)
             elif strategy is strategies.Strategy.COST_OPTIMIZED:
                 prices = _prices(open_nodes)
+            elif strategy is strategies.Strategy.PREFIX_AWARE:
+                chain = prefix.blocks(intent.body, intent.kind, self.settings.prefix_aware_blocks)
+                hint = self._prefix_hint(chain, open_nodes)
         candidates = strategies.order(
             strategy, open_nodes, counter=next(self._counter), rng=self._rng,
-            session=intent.session, latency=latency, prices=prices,
+            session=intent.session, latency=latency, prices=prices, prefix=hint,
         )
+        if chain:
+            # The chosen node owns the prefix now (moved when bounded load passed it over).
+            self.prefixes.record(chain, candidates[0].key)
         return Plan(
             path=PATHS[intent.kind],
             body=raw,
@@ -178,6 +188,14 @@ class Dispatcher:
             headers=intent.headers,
             max_attempts=1 if intent.node else 1 + self.settings.max_retries,
         )
+
+    def _prefix_hint(
+        self, chain: tuple[bytes, ...], nodes: list[Node]
+    ) -> strategies.PrefixHint | None:
+        if not chain:
+            return None
+        owner = self.prefixes.match(chain, {node.key for node in nodes})
+        return strategies.PrefixHint(owner, chain[0], self.settings.prefix_aware_balance)
 
     def _unavailable(self, intent: RouteRequest) -> None:
         """A model served until recently is 503 with Retry-After, not 404: its node is busy or

@@ -17,10 +17,13 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
+import attrs
+
 __all__ = [
     "NEEDS_LATENCY",
     "STRATEGIES",
     "Candidate",
+    "PrefixHint",
     "Strategy",
     "cost_optimized",
     "failover",
@@ -30,6 +33,7 @@ __all__ = [
     "order",
     "p2c",
     "parse_strategy",
+    "prefix_aware",
     "price_of",
     "random_order",
     "rendezvous",
@@ -249,6 +253,51 @@ def rendezvous(cands: Sequence[C], session_key: str) -> list[C]:
     return sorted(cands, key=score, reverse=True)
 
 
+@attrs.frozen(slots=True)
+class PrefixHint:
+    """What PREFIX_AWARE knows of a request: the node that owns its longest known prefix (None:
+    none of the candidates does), the hash of its first block (b"": no prompt) and ε."""
+
+    owner: str | None
+    first: bytes
+    balance: float = 0.25
+
+
+def _overloaded(cands: Sequence[C], node: C, balance: float) -> bool:
+    """Bounded load: is ``node`` above ``(1 + balance)`` times the candidates' mean load?
+
+    A node's load is smoothed by the request being placed: ``(inflight + 1) / capacity``, an
+    uncapped node measured against the largest cap among the candidates (1 if none is capped,
+    so uncapped nodes compare ``inflight + 1`` with the mean of ``inflight + 1``). The +1 keeps
+    idle nodes comparable (0 vs 0 is never over the bound) and makes one request count.
+    """
+    ref = max((c.capacity for c in cands if c.capacity > 0), default=1)
+
+    def load(c: C) -> float:
+        return (c.inflight + 1) / (c.capacity if c.capacity > 0 else ref)
+
+    mean = sum(load(c) for c in cands) / len(cands)
+    return load(node) > (1.0 + balance) * mean
+
+
+def prefix_aware(cands: Sequence[C], counter: int, hint: PrefixHint | None) -> list[C]:
+    """The owner of the request's prefix first, the rest by load; the owner is
+    ``hint.owner`` (the node that served the longest known prefix), or when no candidate owns
+    one, the rendezvous winner for the first block, so every lb instance sends a new prefix to
+    the same node. Bounded load: when that node is `_overloaded`, this is `least_loaded`;
+    without a prompt too."""
+    if len(cands) <= 1:
+        return list(cands)
+    if hint is None or not hint.first:
+        return least_loaded(cands, counter)
+    owner = next((c for c in cands if c.key == hint.owner), None) if hint.owner else None
+    if owner is None:
+        owner = rendezvous(cands, hint.first.hex())[0]
+    if _overloaded(cands, owner, hint.balance):
+        return least_loaded(cands, counter)
+    return [owner, *least_loaded([c for c in cands if c is not owner], counter)]
+
+
 class Strategy(enum.Enum):
     """Values of the ``ROUTING_STRATEGY`` setting (and of ``x-lb-strategy``)."""
 
@@ -260,6 +309,7 @@ class Strategy(enum.Enum):
     LATENCY_OPTIMIZED = "LATENCY_OPTIMIZED"
     LOAD_BALANCED = "LOAD_BALANCED"
     COST_OPTIMIZED = "COST_OPTIMIZED"
+    PREFIX_AWARE = "PREFIX_AWARE"
 
 
 #: Accepted spellings (upper case, ``_`` for ``-`` and spaces) to strategies: lb's own names,
@@ -274,6 +324,7 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
         "LEAST_BUSY": Strategy.LEAST_LOADED,
         "LATENCY_BASED_ROUTING": Strategy.LATENCY_OPTIMIZED,
         "COST_BASED_ROUTING": Strategy.COST_OPTIMIZED,
+        "CACHE_AWARE": Strategy.PREFIX_AWARE,
         # LiteLLM's counts tokens/requests against each deployment's tpm/rpm; lb has no such
         # limits per node yet, so the closest is the least loaded.
         "USAGE_BASED_ROUTING": Strategy.LEAST_LOADED,
@@ -313,12 +364,13 @@ def price_of(labels: Mapping[str, str]) -> float | None:
 def order(
     strategy: Strategy, cands: Sequence[C], *, counter: int, rng: random.Random,
     session: str | None = None, latency: Mapping[str, float] | None = None,
-    prices: Mapping[str, float] | None = None,
+    prices: Mapping[str, float] | None = None, prefix: PrefixHint | None = None,
 ) -> list[C]:
     """Order ``cands`` by ``strategy`` (by ``session`` first: a sticky session outranks any
     strategy); the one entry point, so every caller gets the same fallbacks. ``latency`` (node
     key -> recent seconds) is read by `NEEDS_LATENCY` strategies, ``prices`` (node key -> price
-    per token) by COST_OPTIMIZED."""
+    per token) by COST_OPTIMIZED, ``prefix`` (the owner of the request's prompt prefix) by
+    PREFIX_AWARE."""
     if len(cands) <= 1:
         return list(cands)
     if session:
@@ -337,4 +389,6 @@ def order(
         return latency_optimized(cands, counter, latency)
     if strategy is Strategy.LOAD_BALANCED:
         return load_balanced(cands, counter, latency)
+    if strategy is Strategy.PREFIX_AWARE:
+        return prefix_aware(cands, counter, prefix)
     return cost_optimized(cands, counter, prices)
