@@ -227,7 +227,9 @@ async def serve(
         )
         server.handler = build_router(settings, registry, server, services, scan, fleet)
         # Everything made so far (modules, settings, the registry) lives as long as lb does:
-        # keep it out of the collector's full passes, which requests would otherwise pay for.
+        # keep it out of the collector's full passes, which requests would otherwise pay for
+        # (collected first, so no garbage is kept for good).
+        gc.collect()
         gc.freeze()
 
         async def watch_signals() -> None:
