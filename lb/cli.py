@@ -83,10 +83,28 @@ def serve(
     "--ignore-max-completion-tokens", is_flag=True,
     help="Only max_tokens limits an answer, not max_completion_tokens (llama-cpp-python)",
 )
+@click.option(
+    "--prefix-cache", is_flag=True,
+    help="Simulate a prefix cache: TTFT grows with the prompt's bytes after its longest "
+    "cached prefix",
+)
+@click.option(
+    "--prefill-ms-per-kb", default=20.0, type=click.FloatRange(min=0), show_default=True,
+    help="With --prefix-cache: time to process 1 KiB of uncached prompt",
+)
+@click.option(
+    "--cache-entries", default=10_000, type=click.IntRange(min=1), show_default=True,
+    help="With --prefix-cache: LRU size, in 256-byte blocks",
+)
+@click.option(
+    "--ttft-per-inflight-ms", default=0.0, type=click.FloatRange(min=0), show_default=True,
+    help="TTFT grows by this much per other request in flight on the node",
+)
 def mock(
     host: str, port: int, models: tuple[str, ...], ttft_ms: float, itl_ms: float, tokens: int,
     embedding_dim: int, fault: str, name: str, busy_probes: bool, strict_request_id: bool,
-    ignore_max_completion_tokens: bool,
+    ignore_max_completion_tokens: bool, prefix_cache: bool, prefill_ms_per_kb: float,
+    cache_entries: int, ttft_per_inflight_ms: float,
 ) -> None:
     """Run a mock OpenAI-compatible LLM node (for tests, benchmarks and demos)."""
     from lb.testing import MockNode
@@ -102,6 +120,8 @@ def mock(
         embedding_dim=embedding_dim, fault=fault, name=name, busy_probes=busy_probes,
         strict_request_id=strict_request_id,
         honours_max_completion_tokens=not ignore_max_completion_tokens,
+        prefix_cache=prefix_cache, prefill_ms_per_kb=prefill_ms_per_kb,
+        cache_entries=cache_entries, ttft_per_inflight_ms=ttft_per_inflight_ms,
     )
 
     async def run() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -792,3 +793,169 @@ def test_embeddings_shared_words_are_closer(shared: list[str], other: list[str])
 def test_embeddings_ignore_case_and_punctuation() -> None:
     assert words("Hello, World!") == ["hello", "world"]
     assert embed("Hello, World!", 32) == embed("hello world", 32)
+
+
+# -- prefix cache and capacity model, on trio's autojump clock --------------------------------
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def cache_node(**kwargs: Any) -> MockNode:
+    """TTFT 10 ms plus 100 ms per uncached KiB; no gap between tokens, so that a non-stream
+    answer takes exactly its TTFT."""
+    options: dict[str, Any] = {"ttft_ms": 10, "prefix_cache": True, "prefill_ms_per_kb": 100}
+    return MockNode(**(options | kwargs))
+
+
+async def answer_time(
+    client: httpx.AsyncClient, base: str, path: str, body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> float:
+    """Virtual seconds a non-stream answer takes."""
+    start = trio.current_time()
+    response = await client.post(f"{base}{path}", json=body, headers=headers)
+    assert response.status_code == 200
+    return trio.current_time() - start
+
+
+async def completion_time(client: httpx.AsyncClient, base: str, prompt: str) -> float:
+    return await answer_time(
+        client, base, "/v1/completions", {"model": "mock-model", "prompt": prompt}
+    )
+
+
+async def cache_stats(client: httpx.AsyncClient, base: str) -> dict[str, int]:
+    stats: dict[str, int] = (await client.get(f"{base}/mock/stats")).json()["prefix_cache"]
+    return stats
+
+
+async def test_a_repeated_prompt_is_answered_sooner(autojump_clock: Any) -> None:
+    async with running(cache_node()) as base, httpx.AsyncClient(timeout=None) as client:
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.210)
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.010)
+
+
+async def test_an_extended_prompt_pays_only_for_its_new_bytes(autojump_clock: Any) -> None:
+    async with running(cache_node()) as base, httpx.AsyncClient(timeout=None) as client:
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.210)
+        # 1 KiB more: 100 ms of prefill, not 300.
+        assert await completion_time(client, base, "a" * 2048 + "b" * 1024) == pytest.approx(
+            0.110
+        )
+        # A prompt cut inside a cached block: its whole blocks are cached, the short last one
+        # is not (its hash covers fewer bytes), so it pays for 128 bytes.
+        assert await completion_time(client, base, "a" * 1152) == pytest.approx(0.0225)
+
+
+async def test_a_different_prompt_pays_in_full(autojump_clock: Any) -> None:
+    async with running(cache_node()) as base, httpx.AsyncClient(timeout=None) as client:
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.210)
+        assert await completion_time(client, base, "c" * 2048) == pytest.approx(0.210)
+        # The same bytes after a different first block: the chain differs, nothing is cached.
+        assert await completion_time(client, base, "c" + "a" * 2047) == pytest.approx(0.210)
+
+
+async def test_chat_prompts_share_a_system_prompt(autojump_clock: Any) -> None:
+    """A chat prompt is each message's role, newline, text, newline: a 1016-byte system
+    message is 1024 bytes, 4 whole blocks, and a 250-byte user message one more block."""
+    system = {"role": "system", "content": "s" * 1016}
+
+    def chat(user: str) -> dict[str, Any]:
+        return {"model": "mock-model", "messages": [system, {"role": "user", "content": user}]}
+
+    async with running(cache_node()) as base, httpx.AsyncClient(timeout=None) as client:
+        path = "/v1/chat/completions"
+        assert await answer_time(client, base, path, chat("x" * 250)) == pytest.approx(0.135)
+        # Same system prompt, another question: only the user's 256 bytes are new.
+        assert await answer_time(client, base, path, chat("y" * 250)) == pytest.approx(0.035)
+        # The same text under another role is another prompt ("user\n", 1018 bytes, "\n").
+        other = {"model": "mock-model", "messages": [{"role": "user", "content": "s" * 1018}]}
+        assert await answer_time(client, base, path, other) == pytest.approx(0.110)
+
+
+async def test_a_streamed_answer_fills_the_cache_too(autojump_clock: Any) -> None:
+    body = {"model": "mock-model", "prompt": "a" * 1024, "stream": True}
+    async with running(cache_node()) as base, httpx.AsyncClient(timeout=None) as client:
+        for expected in (0.110, 0.010):
+            start = trio.current_time()
+            async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+                events = await sse_events(response)
+            assert events[-1] == b"[DONE]"
+            assert trio.current_time() - start == pytest.approx(expected)
+
+
+async def test_the_cache_is_a_bounded_lru(autojump_clock: Any) -> None:
+    node = cache_node(cache_entries=4)
+    async with running(node) as base, httpx.AsyncClient(timeout=None) as client:
+        assert await completion_time(client, base, "a" * 1024) == pytest.approx(0.110)
+        assert await completion_time(client, base, "a" * 1024) == pytest.approx(0.010)
+        assert (await cache_stats(client, base))["entries"] == 4
+        # Four other blocks push A's four out...
+        assert await completion_time(client, base, "b" * 1024) == pytest.approx(0.110)
+        assert (await cache_stats(client, base))["entries"] == 4
+        # ...so A pays in full again, and pushes B out in turn.
+        assert await completion_time(client, base, "a" * 1024) == pytest.approx(0.110)
+        assert await completion_time(client, base, "b" * 1024) == pytest.approx(0.110)
+        # A prompt longer than the cache leaves only its last blocks, which no lookup reaches.
+        assert await completion_time(client, base, "c" * 2048) == pytest.approx(0.210)
+        assert await completion_time(client, base, "c" * 2048) == pytest.approx(0.210)
+        assert (await cache_stats(client, base))["entries"] == 4
+
+
+async def test_stats_report_cache_hits_and_misses(autojump_clock: Any) -> None:
+    async with running(cache_node()) as base, httpx.AsyncClient(timeout=None) as client:
+        assert await cache_stats(client, base) == {"hits_bytes": 0, "miss_bytes": 0, "entries": 0}
+        await completion_time(client, base, "a" * 2048)
+        await completion_time(client, base, "a" * 2048)
+        await completion_time(client, base, "a" * 2048 + "b" * 1024)
+        await completion_time(client, base, "c" * 100)
+        assert await cache_stats(client, base) == {
+            "hits_bytes": 2048 + 2048, "miss_bytes": 2048 + 1024 + 100, "entries": 8 + 4 + 1,
+        }
+        await client.post(f"{base}/mock/reset")
+        assert await cache_stats(client, base) == {"hits_bytes": 0, "miss_bytes": 0, "entries": 0}
+        # Reset empties the cache: the prompt pays in full again.
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.210)
+    async with running(MockNode()) as base, httpx.AsyncClient(timeout=None) as client:
+        assert "prefix_cache" not in (await client.get(f"{base}/mock/stats")).json()
+
+
+async def test_without_the_cache_a_repeated_prompt_costs_the_same(autojump_clock: Any) -> None:
+    node = cache_node(prefix_cache=False)
+    async with running(node) as base, httpx.AsyncClient(timeout=None) as client:
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.010)
+        assert await completion_time(client, base, "a" * 2048) == pytest.approx(0.010)
+
+
+@pytest.mark.parametrize("held", [0, 1, 3])
+async def test_ttft_grows_with_the_requests_in_flight(autojump_clock: Any, held: int) -> None:
+    node = MockNode(ttft_ms=10, ttft_per_inflight_ms=50)
+    async with running(node) as base, httpx.AsyncClient(timeout=None) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(held):
+                nursery.start_soon(functools.partial(
+                    client.post, f"{base}/v1/chat/completions", json=CHAT,
+                    headers={"x-mock-fault": "hang=1"},
+                ))
+            await wait_until(lambda: node.stats.concurrent == held)
+            elapsed = await answer_time(client, base, "/v1/chat/completions", CHAT)
+            assert elapsed == pytest.approx(0.010 + 0.050 * held)
+            nursery.cancel_scope.cancel()
+        # Once they are gone, TTFT is back to its base.
+        await wait_until(lambda: node.stats.concurrent == 0)
+        assert await answer_time(client, base, "/v1/chat/completions", CHAT) == pytest.approx(
+            0.010
+        )
+
+
+def test_cli_mock_takes_the_cache_and_capacity_options() -> None:
+    result = CliRunner().invoke(cli_main, ["mock", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--prefix-cache", "--prefill-ms-per-kb", "--cache-entries",
+                 "--ttft-per-inflight-ms"):
+        assert flag in result.output
+    bad = CliRunner().invoke(cli_main, ["mock", "--cache-entries", "0"])
+    assert bad.exit_code != 0

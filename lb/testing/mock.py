@@ -22,6 +22,18 @@ Node-wide options play the quirks of real servers that users hit:
   `max_tokens` cuts the answer, as in llama-cpp-python (by default `max_completion_tokens`,
   when given, wins over `max_tokens`).
 
+Two opt-in models of a real server's time to first token, for routing benchmarks:
+
+- `prefix_cache`: a chat or completions prompt (each message's role and text, or the prompt)
+  is cut into `CACHE_BLOCK`-byte blocks hashed as a chain (a block's hash covers every block
+  before it, the last one may be short). The node keeps an LRU of `cache_entries` block hashes
+  it has answered; TTFT grows by `prefill_ms_per_kb` per KiB of the prompt after its longest
+  cached prefix. Once the answer is sent in full, all the prompt's blocks are cached.
+  `/mock/stats` reports `prefix_cache: {hits_bytes, miss_bytes, entries}`; `/mock/reset`
+  empties the cache.
+- `ttft_per_inflight_ms`: TTFT grows by that much per other generation request (chat,
+  completions, embeddings) in flight on the node when the request arrives.
+
 The fault item `drop-after-done=1` plays llama-cpp-python's end of a stream when the context
 fills: every event, `data: [DONE]` included, then the connection closes without the chunked
 body's last chunk.
@@ -65,6 +77,7 @@ from lb.testing.embeddings import embed, embed_tokens, to_base64, words
 from lb.testing.faults import FaultSpec, FaultSpecError, parse_fault
 
 RECENT_REQUESTS = 50
+CACHE_BLOCK = 256  # bytes per prefix-cache block
 MAX_EMBEDDING_DIM = 8192
 # The answer text: `tokens` of these words, cycled (deltas carry a leading space after the first).
 WORDS = (
@@ -148,6 +161,10 @@ class MockNode:
     busy_probes: bool = False
     strict_request_id: bool = False
     honours_max_completion_tokens: bool = True
+    prefix_cache: bool = False
+    prefill_ms_per_kb: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
+    cache_entries: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    ttft_per_inflight_ms: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
     stats: MockStats = attrs.field(factory=MockStats, init=False)
     server: HTTPServer | None = attrs.field(default=None, init=False)
     _router: Router = attrs.field(init=False)
@@ -158,6 +175,12 @@ class MockNode:
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
     _generating: int = attrs.field(init=False, default=0)  # generation requests in flight
     _idle: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
+    # Prefix cache: block hashes, least recently used first, and bytes found / not found.
+    _cache: collections.OrderedDict[bytes, None] = attrs.field(
+        init=False, factory=collections.OrderedDict
+    )
+    _cache_hits: int = attrs.field(init=False, default=0)
+    _cache_misses: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -182,10 +205,24 @@ class MockNode:
         return parsed
 
     def reset(self) -> None:
-        """Zero the counters, forget recorded requests and reseed the fault RNG."""
+        """Zero the counters, forget recorded requests, empty the prefix cache and reseed the
+        fault RNG."""
         self.stats.reset()
         self._recent.clear()
+        self._cache.clear()
+        self._cache_hits = self._cache_misses = 0
         self._rng.seed(self.seed)
+
+    def stats_dict(self) -> dict[str, Any]:
+        """What `GET /mock/stats` answers: the counters, and the prefix cache's if it is on."""
+        out = self.stats.as_dict()
+        if self.prefix_cache:
+            out["prefix_cache"] = {
+                "hits_bytes": self._cache_hits,
+                "miss_bytes": self._cache_misses,
+                "entries": len(self._cache),
+            }
+        return out
 
     def recent_requests(self) -> list[dict[str, Any]]:
         """The last requests received, oldest first: method, path, headers (name to value,
@@ -363,6 +400,39 @@ class MockNode:
             status=fault.status, code="mock_fault", retry_after=fault.retry_after,
         )
 
+    def _timed(
+        self, knobs: _Knobs, prompt: bytes | None
+    ) -> tuple[_Knobs, Callable[[], None] | None]:
+        """The knobs with TTFT grown by the capacity model and, for a `prompt` under
+        `prefix_cache`, the prefill of its uncached bytes; and what to call once the answer is
+        sent in full (caching the prompt's blocks), if anything."""
+        extra = self.ttft_per_inflight_ms * max(self._generating - 1, 0)
+        on_done: Callable[[], None] | None = None
+        if self.prefix_cache and prompt is not None:
+            hashes = _block_hashes(prompt)
+            cached = 0
+            for i, digest in enumerate(hashes):
+                if digest not in self._cache:
+                    break
+                self._cache.move_to_end(digest)
+                cached = min((i + 1) * CACHE_BLOCK, len(prompt))
+            uncached = len(prompt) - cached
+            self._cache_hits += cached
+            self._cache_misses += uncached
+            extra += self.prefill_ms_per_kb * uncached / 1024
+            on_done = functools.partial(self._cache_store, hashes)
+        if extra:
+            knobs = attrs.evolve(knobs, ttft=knobs.ttft + extra / 1000)
+        return knobs, on_done
+
+    def _cache_store(self, hashes: list[bytes]) -> None:
+        cache = self._cache
+        for digest in hashes:
+            cache[digest] = None
+            cache.move_to_end(digest)
+        while len(cache) > self.cache_entries:
+            cache.popitem(last=False)
+
     def _check_model(self, body: dict[str, Any]) -> str:
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -399,14 +469,19 @@ class MockNode:
         n, finish = _completion_length(
             body, knobs.tokens, self.honours_max_completion_tokens
         )
+        knobs, on_done = self._timed(
+            knobs, _chat_prompt_bytes(messages) if self.prefix_cache else None
+        )
         created = int(time.time())
         cid = self._new_id("chatcmpl")
         if body.get("stream") is True:
             return _stream(
                 _CHAT, cid, created, model, n, finish,
-                _usage(prompt_tokens, n) if _include_usage(body) else None, knobs,
+                _usage(prompt_tokens, n) if _include_usage(body) else None, knobs, on_done,
             )
         await _generate_delay(knobs, n)
+        if on_done is not None:
+            on_done()
         return Response.json({
             "id": cid,
             "object": "chat.completion",
@@ -424,18 +499,24 @@ class MockNode:
     async def _completions(self, request: Request, knobs: _Knobs) -> Response:
         body = _json_body(request)
         model = self._check_model(body)
-        prompt_tokens = _prompt_words(body.get("prompt"))
+        prompt = body.get("prompt")
+        prompt_tokens = _prompt_words(prompt)
         n, finish = _completion_length(
             body, knobs.tokens, self.honours_max_completion_tokens
+        )
+        knobs, on_done = self._timed(
+            knobs, _completion_prompt_bytes(prompt) if self.prefix_cache else None
         )
         created = int(time.time())
         cid = self._new_id("cmpl")
         if body.get("stream") is True:
             return _stream(
                 _TEXT, cid, created, model, n, finish,
-                _usage(prompt_tokens, n) if _include_usage(body) else None, knobs,
+                _usage(prompt_tokens, n) if _include_usage(body) else None, knobs, on_done,
             )
         await _generate_delay(knobs, n)
+        if on_done is not None:
+            on_done()
         return Response.json({
             "id": cid,
             "object": "text_completion",
@@ -462,6 +543,7 @@ class MockNode:
                 "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
             )
         vectors, prompt_tokens = _embed_input(body.get("input"), dim)
+        knobs, _ = self._timed(knobs, None)
         if knobs.ttft:
             await trio.sleep(knobs.ttft)
         data = [
@@ -482,11 +564,11 @@ class MockNode:
     # -- control endpoints ---------------------------------------------------------------------
 
     async def _get_stats(self, request: Request) -> Response:
-        return Response.json(self.stats.as_dict())
+        return Response.json(self.stats_dict())
 
     async def _post_reset(self, request: Request) -> Response:
         self.reset()
-        return Response.json(self.stats.as_dict())
+        return Response.json(self.stats_dict())
 
     async def _get_fault(self, request: Request) -> Response:
         return Response.json({"fault": parse_fault(self.fault).format()})
@@ -549,6 +631,48 @@ def _message_words(message: Any) -> int:
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return 0
+
+
+def _block_hashes(prompt: bytes) -> list[bytes]:
+    """The prompt's CACHE_BLOCK-byte blocks (the last may be short), hashed as a chain: each
+    hash covers its block and every block before it."""
+    hashes: list[bytes] = []
+    previous = b""
+    for start in range(0, len(prompt), CACHE_BLOCK):
+        previous = hashlib.blake2b(
+            previous + prompt[start:start + CACHE_BLOCK], digest_size=16
+        ).digest()
+        hashes.append(previous)
+    return hashes
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"] for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _chat_prompt_bytes(messages: list[Any]) -> bytes:
+    """The prefix cache's view of a chat prompt: each message's role and text, then a newline.
+    (The messages were checked by _message_words.)"""
+    return "".join(
+        f"{m.get('role', '')}\n{_message_text(m.get('content'))}\n" for m in messages
+    ).encode()
+
+
+def _completion_prompt_bytes(prompt: Any) -> bytes:
+    """The prefix cache's view of a completions prompt: the text (strings joined by newlines),
+    or the token ids as JSON. (The prompt was checked by _prompt_words.)"""
+    if isinstance(prompt, str):
+        return prompt.encode()
+    if all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt).encode()
+    return orjson.dumps(prompt)
 
 
 def _prompt_words(prompt: Any) -> int:
@@ -686,11 +810,12 @@ _TEXT = _StreamKind(b"text_completion", None, _text_token_tail, _text_finish_tai
 
 def _stream(
     kind: _StreamKind, cid: str, created: int, model: str, n: int, finish: str,
-    usage: dict[str, int] | None, knobs: _Knobs,
+    usage: dict[str, int] | None, knobs: _Knobs, on_done: Callable[[], None] | None = None,
 ) -> Response:
     """An SSE answer: [role], one chunk per token, finish, [usage], [DONE]; TTFT and ITL
     delays and `drop-after` apply to these frames, and `drop-after-done` drops the connection
-    after the last of them (in place of the chunked body's last chunk)."""
+    after the last of them (in place of the chunked body's last chunk). `on_done` is called
+    once every frame is sent, unless `drop-after` cut them."""
     id_json = orjson.dumps(cid)
     model_json = orjson.dumps(model)
     created_bytes = str(created).encode()
@@ -714,7 +839,8 @@ def _stream(
     frames.append(DONE)
 
     drop: str | None = None  # why the connection is dropped after the frames, if it is
-    if knobs.drop_after is not None and knobs.drop_after < len(frames):
+    cut = knobs.drop_after is not None and knobs.drop_after < len(frames)
+    if knobs.drop_after is not None and cut:
         frames = frames[: knobs.drop_after]
         drop = f"drop-after={knobs.drop_after}"
     elif knobs.drop_after_done:
@@ -734,6 +860,8 @@ def _stream(
                 if gap_from <= i < gap_to:
                     await trio.sleep(itl)
                 await send(frame)
+        if on_done is not None and not cut:
+            on_done()
         if drop is not None:
             raise DropConnection(f"mock fault: {drop}")
 
