@@ -800,12 +800,9 @@ async def test_client_disconnect_cancels_the_handler(
     assert_no_exceptions(caplog)
 
 
-async def test_client_disconnect_on_a_kept_alive_connection_cancels_the_handler(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The connection's reader outlives single requests: a later request is watched too."""
-    started = trio.Event()
-    cancelled = trio.Event()
+def waits_at_wait(started: trio.Event, cancelled: trio.Event) -> Handler:
+    """A handler that echoes, except at /wait: there it sets `started`, waits until it is
+    cancelled, and sets `cancelled`."""
 
     async def handler(request: Request) -> Response:
         if request.path != "/wait":
@@ -817,6 +814,18 @@ async def test_client_disconnect_on_a_kept_alive_connection_cancels_the_handler(
             cancelled.set()
             raise
         raise AssertionError("unreachable")
+
+    return handler
+
+
+async def test_client_disconnect_on_a_kept_alive_connection_cancels_the_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection's reader outlives single requests: a later request is watched too."""
+    started = trio.Event()
+    cancelled = trio.Event()
+
+    handler = waits_at_wait(started, cancelled)
 
     with trio.fail_after(5):
         async with serving(handler) as (_, port):

@@ -6,23 +6,12 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from test_strategies import FAST, Node
 
 from lb.routing.prefix import BLOCK_BYTES, PrefixIndex, blocks
 from lb.routing.strategies import PrefixHint, Strategy, order, prefix_aware, rendezvous
-
-FAST = settings(max_examples=50, deadline=None)
-
-
-@attrs.frozen
-class Node:
-    key: str
-    inflight: int = 0
-    capacity: int = 0
-    weight: float = 1.0
-
 
 texts = st.text(max_size=700)
 roles = st.sampled_from(["system", "user", "assistant", "tool"])

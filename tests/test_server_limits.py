@@ -31,6 +31,7 @@ from test_http_server import (
     post,
     rst_close,
     serving,
+    waits_at_wait,
 )
 
 from lb.http.server import MAX_PIPELINED_BYTES, HTTPServer
@@ -74,16 +75,7 @@ async def test_client_leaving_with_pipelined_bytes_unread_cancels_the_handler(
     started = trio.Event()
     cancelled = trio.Event()
 
-    async def handler(request: Request) -> Response:
-        if request.path != "/wait":
-            return await echo(request)
-        started.set()
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.set()
-            raise
-        raise AssertionError("unreachable")
+    handler = waits_at_wait(started, cancelled)
 
     with trio.fail_after(5):
         async with serving(handler) as (server, port):
