@@ -1,0 +1,1 @@
+"""One module per provider dialect; see `base.Dialect`."""
