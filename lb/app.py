@@ -98,7 +98,7 @@ async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
 
 def build_registry(settings: Settings) -> Registry:
     return Registry(
-        (Node.from_settings(config, settings) for config in settings.nodes),
+        (Node.from_settings(config, settings) for config in settings.all_nodes()),
         prefs=Prefs(preferred_models=settings.preferred_models),
     )
 

@@ -29,12 +29,25 @@ class NodeConfig:
     maxconn: int | None = None  # None: DEFAULT_MAXCONN / MAXCONN_MAP decide
     weight: float = 1.0
     labels: Mapping[str, str] = attrs.field(factory=dict)
-    # host:port, the name a node goes by in headers, MAXCONN_MAP and `?node=`; computed once
-    # because the request path reads it several times.
+    # How lb speaks to it: "openai" (bytes through untouched), "anthropic" or "ollama".
+    dialect: str = "openai"
+    api_key: str = attrs.field(default="", repr=False)  # lb's credential for the node
+    # Send the client's own Authorization header on (off: a client's key is lb's business).
+    forward_auth: bool = False
+    # A fixed model list (cloud providers, catalogue deployments): never probed, healthy until
+    # its breaker says otherwise. Empty: the scanner asks the node.
+    models: tuple[str, ...] = ()
+    # The node's own name for a model clients know by another (a catalogue handle).
+    model_map: Mapping[str, str] = attrs.field(factory=dict)
+    name: str = ""  # overrides host:port as the key (two deployments on one host)
+    # host:port (or `name`), the name a node goes by in headers, MAXCONN_MAP and `?node=`;
+    # computed once because the request path reads it several times.
     key: str = attrs.field(init=False, eq=False, repr=False)
 
     @key.default
     def _key(self) -> str:
+        if self.name:
+            return self.name
         parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port}"
 
@@ -192,9 +205,15 @@ def node_url(value: Any) -> str:
     return f"{parts.scheme}://{host}:{port}{path}"
 
 
+DIALECTS = ("openai", "anthropic", "ollama")
+_NODE_FIELDS = {
+    "url", "maxconn", "weight", "labels", "dialect", "api_key", "forward_auth", "models",
+}
+
+
 def _node(value: Any) -> NodeConfig:
     if isinstance(value, Mapping):
-        unknown = set(value) - {"url", "maxconn", "weight", "labels"}
+        unknown = set(value) - _NODE_FIELDS
         if unknown:
             raise ValueError(f"unknown node field {sorted(unknown)[0]!r}")
         if "url" not in value:
@@ -206,11 +225,18 @@ def _node(value: Any) -> NodeConfig:
         labels = value.get("labels") or {}
         if not isinstance(labels, Mapping):
             raise ValueError("node labels must be a mapping")
+        dialect = _text(value.get("dialect", "openai")).lower()
+        if dialect not in DIALECTS:
+            raise ValueError(f"node dialect must be one of {', '.join(DIALECTS)}")
         return NodeConfig(
             url=node_url(value["url"]),
             maxconn=None if maxconn is None else _int(0)(maxconn),
             weight=weight,
             labels={str(k): str(v) for k, v in labels.items()},
+            dialect=dialect,
+            api_key=_text(value.get("api_key", "")),
+            forward_auth=_bool(value.get("forward_auth", False)),
+            models=_names(value.get("models") or ()),
         )
     return NodeConfig(url=node_url(value))
 
@@ -218,10 +244,7 @@ def _node(value: Any) -> NodeConfig:
 def _nodes(value: Any) -> tuple[NodeConfig, ...]:
     items = value if isinstance(value, list | tuple) else _names(value)
     nodes = tuple(_node(item) for item in items)
-    keys = [node.key for node in nodes]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise ValueError(f"node {duplicates[0]} is listed twice")
+    _check_unique(nodes)
     return nodes
 
 
@@ -374,6 +397,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("litellm_metrics", "LB_LITELLM_METRICS", _bool,
             "Also expose the counts under LiteLLM proxy's metric names"),
     Setting("demo", None, _bool, "Start two mock nodes in the same process"),
+    # Cloud providers and Ollama's native API, as the AILB guide names them.
+    Setting("openai_api_key", "OPENAI_API_KEY", _text,
+            "OpenAI's API key: adds OpenAI as a node (empty: no OpenAI node)"),
+    Setting("openai_base_url", "OPENAI_BASE_URL", _text, "OpenAI's base URL"),
+    Setting("openai_models", "OPENAI_MODELS", _names, "Models served through OpenAI"),
+    Setting("anthropic_api_key", "ANTHROPIC_API_KEY", _text,
+            "Anthropic's API key: adds Anthropic as a node (empty: no Anthropic node)"),
+    Setting("anthropic_base_url", "ANTHROPIC_BASE_URL", _text, "Anthropic's base URL"),
+    Setting("anthropic_models", "ANTHROPIC_MODELS", _names, "Models served through Anthropic"),
+    Setting("anthropic_max_tokens", "ANTHROPIC_MAX_TOKENS", _int(1),
+            "max_tokens sent to Anthropic when the client sent none (Anthropic requires one)"),
+    Setting("ollama_base_url", "OLLAMA_BASE_URL", _text,
+            "An Ollama server spoken to in its native API (/api/chat)"),
+    Setting("drop_params", "LB_DROP_PARAMS", _bool,
+            "Drop parameters a translated provider does not accept (off: pass them on)"),
 )
 
 
@@ -431,6 +469,15 @@ class Settings:
     metrics_key: str = ""
     litellm_metrics: bool = True
     demo: bool = False
+    openai_api_key: str = attrs.field(default="", repr=False)
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_models: tuple[str, ...] = ("gpt-4", "gpt-3.5-turbo")
+    anthropic_api_key: str = attrs.field(default="", repr=False)
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_models: tuple[str, ...] = ("claude-3-opus-20240229", "claude-3-sonnet-20240229")
+    anthropic_max_tokens: int = 4096
+    ollama_base_url: str = ""
+    drop_params: bool = True
 
     @property
     def redis_address(self) -> str | None:
@@ -447,6 +494,28 @@ class Settings:
         if self.lm_model:
             names.add(self.lm_model.lower())
         return frozenset(names)
+
+    def provider_nodes(self) -> tuple[NodeConfig, ...]:
+        """The nodes the provider settings describe (OPENAI_API_KEY, ANTHROPIC_API_KEY,
+        OLLAMA_BASE_URL)."""
+        nodes = []
+        if self.openai_api_key:
+            nodes.append(NodeConfig(
+                url=node_url(self.openai_base_url), api_key=self.openai_api_key,
+                models=self.openai_models,
+            ))
+        if self.anthropic_api_key:
+            nodes.append(NodeConfig(
+                url=node_url(self.anthropic_base_url), dialect="anthropic",
+                api_key=self.anthropic_api_key, models=self.anthropic_models,
+            ))
+        if self.ollama_base_url:
+            nodes.append(NodeConfig(url=node_url(self.ollama_base_url), dialect="ollama"))
+        return tuple(nodes)
+
+    def all_nodes(self) -> tuple[NodeConfig, ...]:
+        """Configured nodes, then the providers'."""
+        return self.nodes + self.provider_nodes()
 
     def maxconn_for(self, node: NodeConfig) -> int:
         if node.maxconn is not None:
@@ -499,4 +568,16 @@ def load_settings(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _parse(_BY_NAME[name], value, "flag")
-    return Settings(**values)
+    settings = Settings(**values)
+    try:
+        _check_unique(settings.all_nodes())
+    except ValueError as exc:
+        raise ConfigError(f"nodes: {exc}") from None
+    return settings
+
+
+def _check_unique(nodes: tuple[NodeConfig, ...]) -> None:
+    keys = [node.key for node in nodes]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"node {duplicates[0]} is listed twice")

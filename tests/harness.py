@@ -83,11 +83,15 @@ async def start_mock_on(nursery: trio.Nursery, port: int, **options: Any) -> Run
     return RunningMock(bound, scope, node=node)
 
 
-async def start_lb(nursery: trio.Nursery, nodes: list[Running], **options: Any) -> Running:
+async def start_lb(
+    nursery: trio.Nursery, nodes: list[Running], *, configs: tuple[NodeConfig, ...] = (),
+    **options: Any,
+) -> Running:
+    """lb in front of `nodes` (plain URLs) and `configs` (nodes with more settings)."""
     settings = Settings(
         host="127.0.0.1",
         port=0,
-        nodes=tuple(NodeConfig(node.url) for node in nodes),
+        nodes=(*(NodeConfig(node.url) for node in nodes), *configs),
         **options,
     )
     port, scope = await _start(

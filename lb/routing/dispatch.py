@@ -20,7 +20,8 @@ import logging
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import orjson
@@ -62,6 +63,8 @@ from lb.upstream.client import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete, StreamTranslator
+from lb.upstream.dialects.openai import PATHS
 
 log = logging.getLogger("lb.dispatch")
 
@@ -73,13 +76,6 @@ CAPACITY_RETRY_AFTER = 1.0
 # must not take itself out for a day).
 MAX_RETRY_AFTER = 300.0
 
-# The OpenAI dialect's path for each kind of request (the Dialect seam takes this over).
-PATHS: dict[ModelKind, str] = {
-    "chat": "/v1/chat/completions",
-    "completion": "/v1/completions",
-    "embedding": "/v1/embeddings",
-}
-
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(
     {
@@ -89,6 +85,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _DONE_TAIL = re.compile(rb"data: *\[DONE\]\s*$")
+_SSE_HEAD = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
+_JSON_TYPE = (b"content-type", b"application/json")
 _JSON_START = re.compile(rb"\s*[\[{]")
 
 
@@ -96,10 +94,13 @@ _JSON_START = re.compile(rb"\s*[\[{]")
 class Plan:
     """What one proxied request will do."""
 
-    path: str
+    path: str  # for OpenAI-compatible nodes, as are body and headers
     body: bytes
     model: str
     stream: bool
+    kind: ModelKind
+    fields: Mapping[str, Any]  # the client's body, parsed: what other dialects encode
+    authorization: bytes | None  # the client's, for nodes that `forward_auth`
     candidates: tuple[Node, ...]  # in preference order
     deadline: float
     budget: float  # seconds from arrival to the deadline
@@ -181,6 +182,9 @@ class Dispatcher:
             body=raw,
             model=model,
             stream=intent.stream,
+            kind=intent.kind,
+            fields=intent.body,
+            authorization=intent.authorization,
             candidates=tuple(candidates),
             deadline=intent.arrival + budget,
             budget=budget,
@@ -386,11 +390,15 @@ class _Run:
             # only the request's deadline bounds it.
             scope.deadline = plan.deadline
 
+        if node.rewrites:
+            path, body, headers = self._for_node(node)
+        else:
+            path, body, headers = plan.path, plan.body, plan.headers
         try:
             with scope:
                 try:
                     async with node.upstream.request(
-                        "POST", plan.path, plan.headers, plan.body,
+                        "POST", path, headers, body,
                         on_sent=None if plan.stream else sent,
                     ) as up:
                         status = up.status
@@ -435,6 +443,22 @@ class _Run:
                 self.trace, node.key, outcome, status, trio.current_time() - started
             )
 
+    def _for_node(self, node: Node) -> tuple[str, bytes, Headers]:
+        """The request as `node` takes it: its dialect, its name for the model, lb's
+        credential (or the client's, when the node is configured to forward it)."""
+        plan = self.plan
+        config = node.config
+        dialect = node.dialect
+        model = config.model_map.get(plan.model, plan.model)
+        if dialect.passthrough and model == plan.model:
+            body = plan.body
+        else:
+            body = dialect.encode(plan.kind, plan.fields, model)
+        headers = plan.headers + node.auth_headers
+        if config.forward_auth and not node.auth_headers and plan.authorization is not None:
+            headers.append((b"authorization", plan.authorization))
+        return dialect.path(plan.kind, plan.stream), body, headers
+
     async def _handle(
         self, node: Node, up: UpstreamResponse, scope: trio.CancelScope
     ) -> tuple[Outcome, str, _Answer | None]:
@@ -445,6 +469,8 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
+        if not node.dialect.passthrough:
+            return await self._translated(node, up, scope)
         headers = _from_node(up.headers, self.trace)
         if status == 200 and _is_event_stream(up.headers):
             self.sink.head(status, headers)
@@ -524,6 +550,63 @@ class _Run:
             # half event, if any, is dropped: the error event must not be glued onto it.
             await self._end_event(ragged)
             return Outcome.FAILURE, "closed the stream before [DONE]"
+        return Outcome.SUCCESS, ""
+
+    async def _translated(
+        self, node: Node, up: UpstreamResponse, scope: trio.CancelScope
+    ) -> tuple[Outcome, str, _Answer | None]:
+        """A node of another dialect: its answer, or its stream, in OpenAI's words."""
+        dialect, plan, trace, status = node.dialect, self.plan, self.trace, up.status
+        kept = [item for item in _from_node(up.headers, trace) if item[0] != b"content-type"]
+        if plan.stream and dialect.is_stream(status, up.headers):
+            self.sink.head(status, [*_SSE_HEAD, *kept])
+            trace.status = status
+            translator = dialect.translator(plan.kind, plan.model, plan.fields)
+            outcome, reason = await self._pump_translated(translator, up, scope)
+            return outcome, reason, None
+        scope.deadline = plan.deadline
+        body = await up.read(MAX_UPSTREAM_BODY)
+        try:
+            body = dialect.decode(plan.kind, status, body, plan.model)
+        except ValueError:
+            reason = f"HTTP {status} with an answer that is not {dialect.name}'s"
+            return Outcome.FAILURE, reason, None
+        kept += [_JSON_TYPE, (b"content-length", str(len(body)).encode())]
+        trace.status = status
+        usage = usage_of(body)
+        if usage is not None:
+            trace.prompt_tokens, trace.completion_tokens = usage
+        return Outcome.SUCCESS, "", _Answer(status, kept, body)
+
+    async def _pump_translated(
+        self, translator: StreamTranslator, up: UpstreamResponse, scope: trio.CancelScope
+    ) -> tuple[Outcome, str]:
+        """`_pump` for a translated stream: the translator frames the events, and says
+        whether the node finished its answer."""
+        idle = self.dispatcher.settings.stream_idle_timeout
+        deadline = self.plan.deadline
+        trace = self.trace
+        send = self.sink.send
+        try:
+            while True:
+                scope.deadline = min(deadline, trio.current_time() + idle)
+                received = await up.receive_some()
+                data = translator.feed(received) if received else translator.finish()
+                if data:
+                    if trace.first_byte is None:
+                        self._first_byte()
+                    self.writing = True
+                    await send(data)
+                    self.writing = False
+                    trace.chunks += 1
+                if not received or data.endswith(b"data: [DONE]\n\n"):
+                    break
+        except (StreamIncomplete, StreamFailed) as exc:
+            return Outcome.FAILURE, str(exc) or "closed the stream before it was done"
+        trace.last_byte = trio.current_time() - trace.arrival
+        usage = translator.usage
+        if usage is not None:
+            trace.prompt_tokens, trace.completion_tokens = usage
         return Outcome.SUCCESS, ""
 
     async def _end_event(self, ragged: bool) -> None:

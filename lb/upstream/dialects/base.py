@@ -20,6 +20,10 @@ class StreamIncomplete(Exception):
     """The node's stream ended without its end marker (it died mid-answer)."""
 
 
+class StreamFailed(Exception):
+    """The node reported an error inside its stream; the message says what, for a client."""
+
+
 class StreamTranslator(Protocol):
     """A node's streamed answer -> OpenAI SSE bytes, one request at a time (stateful)."""
 
