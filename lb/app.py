@@ -163,6 +163,7 @@ def build_router(
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
         admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
+        aliases=settings.aliases, alias_only=settings.alias_only,
     )
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key

@@ -267,6 +267,38 @@ def _maxconn_map(value: Any) -> Mapping[str, int]:
     return result
 
 
+def resolve_aliases(pairs: Mapping[str, str]) -> dict[str, str]:
+    """alias -> target, with chains (`main` -> `big` -> `qwen3-32b`) followed to their end;
+    ValueError on a cycle."""
+    result = {}
+    for alias in pairs:
+        seen = [alias]
+        target = pairs[alias]
+        while target in pairs:
+            if target in seen:
+                raise ValueError(f"aliases form a cycle: {' -> '.join([*seen, target])}")
+            seen.append(target)
+            target = pairs[target]
+        result[alias] = target
+    return result
+
+
+def _aliases(value: Any) -> Mapping[str, str]:
+    """`main=qwen3-32b,fast=qwen3-8b` (or a YAML mapping) -> {alias: model}."""
+    if isinstance(value, Mapping):
+        pairs = {_text(k): _text(v) for k, v in value.items()}
+    else:
+        pairs = {}
+        for item in _names(value):
+            alias, sep, target = item.partition("=")
+            if not sep or not alias.strip() or not target.strip():
+                raise ValueError(f"expected alias=model, got {item!r}")
+            pairs[alias.strip()] = target.strip()
+    if any(not alias or not target for alias, target in pairs.items()):
+        raise ValueError("an alias and its model must be non-empty")
+    return resolve_aliases(pairs)
+
+
 def host_port(value: Any) -> tuple[str, int | None]:
     """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address -> (host, port or None).
 
@@ -371,6 +403,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_sentinels", "MODEL_SENTINELS", _names, "Model names that mean 'pick one'"),
     Setting("lm_model", "LM_MODEL", _text, "One more sentinel"),
     Setting("preferred_models", "PREFERRED_MODELS", _names, "Priority list for sentinels"),
+    Setting("aliases", "MODEL_ALIASES", _aliases,
+            "Stable handles for models: alias=model,... (an alias may name another)"),
+    Setting("alias_only", "LB_ALIAS_ONLY", _bool, "GET /v1/models lists the aliases only"),
     Setting("scan_hosts", "SCAN_HOSTS", _scan_hosts,
             "Hosts to discover nodes on: host or host:port, comma separated"),
     Setting("scan_ports", "SCAN_PORTS", _ports, "Ports tried on each SCAN_HOSTS host"),
@@ -451,6 +486,8 @@ class Settings:
     model_sentinels: tuple[str, ...] = ("auto", "default")
     lm_model: str = ""
     preferred_models: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = attrs.field(factory=dict)
+    alias_only: bool = False
     scan_hosts: tuple[str, ...] = ()
     scan_ports: tuple[int, ...] = DEFAULT_SCAN_PORTS
     scan_interval: float = 10.0

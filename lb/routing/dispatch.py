@@ -125,6 +125,7 @@ class Dispatcher:
         # Figures for the strategies that need them: the tracker must be among the observers.
         self.latency = latency or LatencyTracker()
         self.sentinels = settings.sentinels
+        self.aliases = settings.aliases
         self._counter = itertools.count()
         self._rng = rng or random.Random()
         # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
@@ -133,14 +134,15 @@ class Dispatcher:
     def plan(self, intent: RouteRequest, trace: Trace | None = None) -> Plan:
         """Resolve the model and order the nodes that may take the request (no I/O); the
         resolved model goes into `trace` even when no node can take it."""
+        requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
         try:
             model = resolve_model(
-                intent.model, self.registry.model_counts(), kind=intent.kind,
+                requested, self.registry.model_counts(), kind=intent.kind,
                 sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
                 prefer_small=intent.prefer_small,
             )
         except ModelNotFound:
-            self._unavailable(intent)
+            self._unavailable(intent, requested)
             raise
         if trace is not None:
             trace.model = model
@@ -201,12 +203,12 @@ class Dispatcher:
         owner = self.prefixes.match(chain, {node.key for node in nodes})
         return strategies.PrefixHint(owner, chain[0], self.settings.prefix_aware_balance)
 
-    def _unavailable(self, intent: RouteRequest) -> None:
+    def _unavailable(self, intent: RouteRequest, requested: str) -> None:
         """A model served until recently is 503 with Retry-After, not 404: its node is busy or
         restarting, and SDKs retry a 503 but take a 404 for "no such model"."""
         gone = self.registry.gone_models(trio.current_time(), self.settings.model_grace)
-        sentinel = intent.model.lower() in self.sentinels
-        if intent.model in gone or (sentinel and gone and not self.registry.model_counts()):
+        sentinel = requested.lower() in self.sentinels
+        if requested in gone or (sentinel and gone and not self.registry.model_counts()):
             raise ModelUnavailable(
                 f"The model '{intent.model}' is unavailable right now: no healthy node serves "
                 "it (busy or restarting); retry shortly",
