@@ -299,6 +299,32 @@ def _aliases(value: Any) -> Mapping[str, str]:
     return resolve_aliases(pairs)
 
 
+def _fallbacks(value: Any) -> Mapping[str, tuple[str, ...]]:
+    """`a=b|c,d=e` (or a YAML mapping of lists, or LiteLLM's list of one-key mappings) ->
+    {model: (fallback models, in order)}."""
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if not isinstance(item, Mapping):
+                raise ValueError("expected a list of {model: [fallback, ...]} mappings")
+            pairs += list(item.items())
+    else:
+        for item in _names(value):
+            model, sep, rest = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected model=fallback|fallback, got {item!r}")
+            pairs.append((model, rest.split("|")))
+    result: dict[str, tuple[str, ...]] = {}
+    for model, targets in pairs:
+        names = _names(targets)
+        if not _text(model) or not names:
+            raise ValueError("a fallback needs a model and at least one model to fall back to")
+        result[_text(model)] = tuple(name for name in names if name != _text(model))
+    return result
+
+
 def host_port(value: Any) -> tuple[str, int | None]:
     """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address -> (host, port or None).
 
@@ -406,6 +432,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("aliases", "MODEL_ALIASES", _aliases,
             "Stable handles for models: alias=model,... (an alias may name another)"),
     Setting("alias_only", "LB_ALIAS_ONLY", _bool, "GET /v1/models lists the aliases only"),
+    Setting("fallbacks", "MODEL_FALLBACKS", _fallbacks,
+            "Models to try when a model's nodes all fail: model=other|another,..."),
     Setting("scan_hosts", "SCAN_HOSTS", _scan_hosts,
             "Hosts to discover nodes on: host or host:port, comma separated"),
     Setting("scan_ports", "SCAN_PORTS", _ports, "Ports tried on each SCAN_HOSTS host"),
@@ -488,6 +516,7 @@ class Settings:
     preferred_models: tuple[str, ...] = ()
     aliases: Mapping[str, str] = attrs.field(factory=dict)
     alias_only: bool = False
+    fallbacks: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     scan_hosts: tuple[str, ...] = ()
     scan_ports: tuple[int, ...] = DEFAULT_SCAN_PORTS
     scan_interval: float = 10.0

@@ -107,6 +107,8 @@ class Plan:
     request_id: str
     headers: Headers  # to send to the node
     max_attempts: int
+    # Candidates from fallback groups -> the model they are asked for instead of `model`.
+    fallback: Mapping[str, str] = attrs.field(factory=dict)
 
 
 class Dispatcher:
@@ -126,6 +128,7 @@ class Dispatcher:
         self.latency = latency or LatencyTracker()
         self.sentinels = settings.sentinels
         self.aliases = settings.aliases
+        self.fallbacks = settings.fallbacks
         self._counter = itertools.count()
         self._rng = rng or random.Random()
         # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
@@ -142,8 +145,10 @@ class Dispatcher:
                 prefer_small=intent.prefer_small,
             )
         except ModelNotFound:
-            self._unavailable(intent, requested)
-            raise
+            if requested not in self.fallbacks:
+                self._unavailable(intent, requested)
+                raise
+            model = requested  # none of its nodes is up: its fallbacks may be
         if trace is not None:
             trace.model = model
         raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
@@ -157,9 +162,15 @@ class Dispatcher:
                 raise NodeNotFound(f"Node {intent.node} does not serve model {model} (or is down)")
         now = trio.current_time()
         open_nodes = [node for node in nodes if blocked(node, now) is None]
-        if not open_nodes:
-            raise _nobody_serves(model, nodes, now)
         strategy = intent.strategy or self.strategy
+        fallback: dict[str, str] = {}
+        extra: list[Node] = []
+        if model in self.fallbacks and not intent.node:
+            extra, fallback = self._fallbacks(model, strategy, now, open_nodes)
+        if not open_nodes:
+            if not extra:
+                raise _nobody_serves(model, nodes, now)
+            return self._plan(intent, model, raw, budget, extra, fallback)
         latency = prices = hint = None
         chain: tuple[bytes, ...] = ()
         # Figures, prices and prefixes only for the strategies that read them (the default does
@@ -179,6 +190,13 @@ class Dispatcher:
         if chain:
             # The chosen node owns the prefix now (moved when bounded load passed it over).
             self.prefixes.record(chain, candidates[0].key)
+        return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback)
+
+    def _plan(
+        self, intent: RouteRequest, model: str, raw: bytes, budget: float,
+        candidates: Sequence[Node], fallback: dict[str, str],
+    ) -> Plan:
+        retries = 0 if intent.node else self.settings.max_retries
         return Plan(
             path=PATHS[intent.kind],
             body=raw,
@@ -192,8 +210,33 @@ class Dispatcher:
             budget=budget,
             request_id=intent.request_id,
             headers=intent.headers,
-            max_attempts=1 if intent.node else 1 + self.settings.max_retries,
+            # Each fallback group gets its own chance, whatever the retries spent before it.
+            max_attempts=1 + retries + len(self.fallbacks.get(model, ())),
+            fallback=fallback,
         )
+
+    def _fallbacks(
+        self, model: str, strategy: strategies.Strategy, now: float, primary: list[Node],
+    ) -> tuple[list[Node], dict[str, str]]:
+        """The nodes of `model`'s fallback groups, in order of the groups, each group ordered
+        by the strategy, after the model's own nodes; and the model each of them serves."""
+        taken = {node.key for node in primary}
+        extra: list[Node] = []
+        fallback: dict[str, str] = {}
+        for group in self.fallbacks[model]:
+            nodes = [
+                node for node in self.registry.serving(group)
+                if node.key not in taken and blocked(node, now) is None
+            ]
+            ordered = strategies.order(
+                strategy, nodes, counter=next(self._counter), rng=self._rng, session=None,
+                latency=None, prices=None, prefix=None,
+            )
+            for node in ordered:
+                taken.add(node.key)
+                fallback[node.key] = group
+            extra += ordered
+        return extra, fallback
 
     def _prefix_hint(
         self, chain: tuple[bytes, ...], nodes: list[Node]
@@ -392,7 +435,7 @@ class _Run:
             # only the request's deadline bounds it.
             scope.deadline = plan.deadline
 
-        if node.rewrites:
+        if node.rewrites or plan.fallback:
             path, body, headers = self._for_node(node)
         else:
             path, body, headers = plan.path, plan.body, plan.headers
@@ -451,7 +494,8 @@ class _Run:
         plan = self.plan
         config = node.config
         dialect = node.dialect
-        model = config.model_map.get(plan.model, plan.model)
+        asked = plan.fallback.get(node.key, plan.model)
+        model = config.model_map.get(asked, asked)
         if dialect.passthrough and model == plan.model:
             body = plan.body
         else:
