@@ -488,3 +488,48 @@ def test_alias_resolution_ends_at_a_non_alias_or_finds_the_cycle(direct: dict[st
         while name in direct:
             name = direct[name]
         assert name == target
+
+
+# --- `lb serve --config` with a LiteLLM file, as a user runs it ---
+
+
+def test_lb_serve_refuses_a_master_key_it_cannot_check_yet() -> None:
+    from test_cli import run_lb
+
+    result = run_lb("serve", "--config", str(HOMELAB), env=HOMELAB_ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lb: general_settings.master_key is set, but lb does not check client keys yet: "
+        "refusing to serve without the authentication the file asks for"
+    )
+
+
+def test_lb_serve_runs_the_homelab_file_and_warns_once(tmp_path: Path) -> None:
+    from test_cli import free_port, lb_serve
+
+    doc = yaml.safe_load(HOMELAB.read_text())
+    del doc["general_settings"]  # until client keys land (see the test above)
+    doc["litellm_settings"]["cache"] = True
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    env = {**HOMELAB_ENV, "SCAN_PORTS": str(free_port()), "MIN_HEALTHY_NODES": "0"}
+    with lb_serve("--config", str(config), env=env) as (process, url):
+        import httpx
+
+        assert httpx.get(f"{url}/health").status_code == 200
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert stderr.count("litellm_settings.cache is not supported; ignored") == 1, stderr
+
+
+def test_the_readme_example_parses() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The model catalogue (LiteLLM config)"):]
+    example = section[section.index("```yaml\n") + 8: section.index("```\n", 8)]
+    catalogue = parse_catalogue(
+        yaml.safe_load(example), {"MLX_API_KEY": "k", "ANTHROPIC_API_KEY": "a"}
+    )
+    assert [d.provider for d in catalogue.groups["main"]] == ["openai", "ollama"]
+    assert catalogue.aliases == {"gpt-4o": "main", "sonnet": "claude", "deep": "main"}
+    assert catalogue.listed() == ("main", "claude", "gpt-4o", "deep")
+    assert catalogue.warnings == ()
