@@ -107,6 +107,7 @@ class Catalogue:
     # Derived once: handle -> its deployments (file order); handles with a context limit.
     groups: Mapping[str, tuple[Deployment, ...]] = attrs.field(init=False, eq=False, repr=False)
     limited: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
+    _wildcards: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
 
     @groups.default
     def _groups(self) -> Mapping[str, tuple[Deployment, ...]]:
@@ -118,6 +119,10 @@ class Catalogue:
     @limited.default
     def _limited(self) -> frozenset[str]:
         return frozenset(h for h in self.groups if self.max_input_tokens(h) is not None)
+
+    @_wildcards.default
+    def _wildcard_handles(self) -> tuple[str, ...]:
+        return tuple(sorted((h for h in self.groups if "*" in h), key=len, reverse=True))
 
     @property
     def handles(self) -> tuple[str, ...]:
@@ -133,8 +138,7 @@ class Catalogue:
         name = self.resolve(name)
         if name in self.groups and "*" not in name:
             return name
-        matches = [h for h in self.groups if "*" in h and _wildcard_match(h, name)]
-        return max(matches, key=len) if matches else None
+        return next((h for h in self._wildcards if _wildcard_match(h, name)), None)
 
     def listed(self) -> tuple[str, ...]:
         """What `/v1/models` lists from the catalogue: handles (not wildcard routes) and
@@ -365,8 +369,8 @@ def parse_catalogue(
         for k, v in _mapping("environment_variables", yaml_doc.get("environment_variables")).items()
     }
     reader = _Reader({**environment, **env})
+    litellm_file = any(key in yaml_doc for key in LITELLM_SECTIONS)
     if own_keys is not None:
-        litellm_file = any(key in yaml_doc for key in LITELLM_SECTIONS)
         for key in yaml_doc:
             if key in own_keys or key in LITELLM_SECTIONS or key in _LB_KEYS:
                 continue
@@ -407,6 +411,8 @@ def parse_catalogue(
     master_key = None
     if general.get("master_key") not in (None, ""):
         master_key = reader.parsed("general_settings.master_key", general["master_key"], _name)
+    elif litellm_file and reader.env.get("LITELLM_MASTER_KEY"):
+        master_key = reader.env["LITELLM_MASTER_KEY"]  # LiteLLM's proxy reads it as well
     drop_params = False
     if module.get("drop_params") is not None:
         drop_params = reader.parsed("litellm_settings.drop_params", module["drop_params"], _bool)

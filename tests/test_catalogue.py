@@ -493,6 +493,12 @@ def test_alias_resolution_ends_at_a_non_alias_or_finds_the_cycle(direct: dict[st
 # --- `lb serve --config` with a LiteLLM file, as a user runs it ---
 
 
+def test_litellm_master_key_from_the_environment_counts_as_set() -> None:
+    doc = {"model_list": [deployment("a", "openai/x", api_base="http://h:1/v1")]}
+    assert parse(doc, {"LITELLM_MASTER_KEY": "sk-env"}).master_key == "sk-env"
+    assert parse({"aliases": {"a": "b"}}, {"LITELLM_MASTER_KEY": "sk-env"}).master_key is None
+
+
 def test_lb_serve_refuses_a_master_key_it_cannot_check_yet() -> None:
     from test_cli import run_lb
 
@@ -512,7 +518,8 @@ def test_lb_serve_runs_the_homelab_file_and_warns_once(tmp_path: Path) -> None:
     doc["litellm_settings"]["cache"] = True
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump(doc))
-    env = {**HOMELAB_ENV, "SCAN_PORTS": str(free_port()), "MIN_HEALTHY_NODES": "0"}
+    env = {k: v for k, v in HOMELAB_ENV.items() if k != "LITELLM_MASTER_KEY"}
+    env.update(SCAN_PORTS=str(free_port()), MIN_HEALTHY_NODES="0")
     with lb_serve("--config", str(config), env=env) as (process, url):
         import httpx
 

@@ -45,14 +45,17 @@ def estimate_tokens(body: Mapping[str, Any], kind: ModelKind) -> int:
         if isinstance(messages, list):
             for message in messages:
                 extra += TOKENS_PER_MESSAGE
-                if not isinstance(message, Mapping):
+                if not isinstance(message, dict):  # JSON objects; an ABC check costs more
                     continue
                 part_bytes, images = _content_bytes(message.get("content"))
                 size += part_bytes
                 extra += images * TOKENS_PER_IMAGE
-                for key in ("name", "tool_call_id"):
-                    if isinstance(message.get(key), str):
-                        size += len(message[key].encode())
+                name = message.get("name")
+                if isinstance(name, str):
+                    size += _utf8_len(name)
+                call_id = message.get("tool_call_id")
+                if isinstance(call_id, str):
+                    size += _utf8_len(call_id)
                 calls = message.get("tool_calls")
                 if isinstance(calls, list):
                     size += _json_bytes(calls)
@@ -66,16 +69,22 @@ def estimate_tokens(body: Mapping[str, Any], kind: ModelKind) -> int:
     return -(-size // BYTES_PER_TOKEN) + extra
 
 
+def _utf8_len(text: str) -> int:
+    # ASCII (most prompts) needs no encoding to be measured.
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def _content_bytes(content: Any) -> tuple[int, int]:
     if isinstance(content, str):
-        return len(content.encode()), 0
+        return _utf8_len(content), 0
     size = images = 0
     if isinstance(content, list):
         for part in content:
-            if not isinstance(part, Mapping):
+            if not isinstance(part, dict):
                 continue
-            if isinstance(part.get("text"), str):
-                size += len(part["text"].encode())
+            text = part.get("text")
+            if isinstance(text, str):
+                size += _utf8_len(text)
             elif part.get("type") in ("image_url", "image", "input_image"):
                 images += 1
     return size, images
@@ -84,7 +93,7 @@ def _content_bytes(content: Any) -> tuple[int, int]:
 def _input_bytes(value: Any) -> tuple[int, int]:
     """(bytes of text, tokens given as token ids) of a prompt or embedding input."""
     if isinstance(value, str):
-        return len(value.encode()), 0
+        return _utf8_len(value), 0
     if isinstance(value, list):
         if all(isinstance(item, int) for item in value):
             return 0, len(value)
