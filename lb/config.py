@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
 import yaml
 
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
+
+if TYPE_CHECKING:
+    from lb.catalogue import Catalogue
 
 
 class ConfigError(ValueError):
@@ -544,6 +547,9 @@ class Settings:
     anthropic_max_tokens: int = 4096
     ollama_base_url: str = ""
     drop_params: bool = True
+    # The model catalogue (a LiteLLM `model_list` & co. in the config file); not a setting of
+    # its own: read from the file only, see `lb.catalogue`.
+    catalogue: Catalogue | None = None
 
     @property
     def redis_address(self) -> str | None:
@@ -622,14 +628,24 @@ def load_settings(
 ) -> Settings:
     """Defaults <- YAML <- environment <- flags; flags that are None are not given."""
     values: dict[str, Any] = {}
+    env = env or {}
     if config_file:
-        for key, value in read_yaml(config_file).items():
+        doc = read_yaml(config_file)
+        catalogue = _catalogue(doc, env, config_file)
+        if catalogue is not None:
+            # LiteLLM's router settings sit under lb's own keys; its environment_variables
+            # under the real environment.
+            values.update(catalogue.settings, catalogue=catalogue)
+            env = {**catalogue.environment, **env}
+        for key, value in doc.items():
             setting = _BY_NAME.get(str(key))
             if setting is None:
+                if catalogue is not None:
+                    continue  # the catalogue's, or warned by it
                 raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
             values[setting.name] = _parse(setting, value, f"config file {config_file}")
     for setting in SETTINGS:
-        if env and setting.env and env.get(setting.env) not in (None, ""):
+        if setting.env and env.get(setting.env) not in (None, ""):
             values[setting.name] = _parse(setting, env[setting.env], "environment")
     for name, value in (flags or {}).items():
         if value is not None:
@@ -647,3 +663,17 @@ def _check_unique(nodes: tuple[NodeConfig, ...]) -> None:
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
         raise ValueError(f"node {duplicates[0]} is listed twice")
+
+
+def _catalogue(
+    doc: Mapping[str, Any], env: Mapping[str, str], path: str | Path
+) -> Catalogue | None:
+    """The file's model catalogue (LiteLLM's sections, lb's `aliases`), or None if it has none."""
+    from lb.catalogue import is_catalogue, parse_catalogue
+
+    if not is_catalogue(doc):
+        return None
+    try:
+        return parse_catalogue(doc, env, own_keys=_BY_NAME)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
