@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from lb.config import ConfigError, _bool, _int, _seconds, _strategy, node_url
+from lb.config import ConfigError, NodeConfig, _bool, _int, _seconds, _strategy, node_url
 from lb.routing.resolve import ModelKind, is_embedding_model
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Provider",
     "is_catalogue",
     "log_warnings",
+    "node_configs",
     "parse_catalogue",
     "resolve_aliases",
 ]
@@ -155,6 +156,45 @@ class Catalogue:
         if not limits or any(limit is None for limit in limits):
             return None
         return max(cast(list[int], limits))
+
+
+def node_configs(catalogue: Catalogue, taken: Collection[str] = ()) -> tuple[NodeConfig, ...]:
+    """One node per deployment, in `order` (LiteLLM's priority tiers; FAILOVER keeps it), each
+    serving its handle under the provider's own model name. A deployment is a node of its own
+    even when it shares a server with others (its own cap, weight, prices and window); then
+    its key is `host:port/handle`. A wildcard route (`mlx-*`) serves its pattern; dispatch
+    fills in the part of the requested name the `*` matched."""
+    deployments = sorted(
+        catalogue.deployments,
+        key=lambda d: math.inf if d.order is None else d.order,
+    )
+    plain = [NodeConfig(d.url).key for d in deployments]
+    used = set(taken)
+    nodes = []
+    for deployment, key in zip(deployments, plain, strict=True):
+        name = key if plain.count(key) == 1 and key not in used else f"{key}/{deployment.handle}"
+        suffix = 2
+        while name in used:  # the same handle twice on one server: two deployments all the same
+            name, suffix = f"{key}/{deployment.handle}#{suffix}", suffix + 1
+        used.add(name)
+        labels = dict(deployment.labels)
+        for label, value in (
+            ("price_in", deployment.input_cost_per_token),
+            ("price_out", deployment.output_cost_per_token),
+            ("order", deployment.order), ("rpm", deployment.rpm), ("tpm", deployment.tpm),
+        ):
+            if value is not None:
+                labels[label] = str(value)
+        nodes.append(NodeConfig(
+            url=deployment.url, maxconn=deployment.maxconn, weight=deployment.weight,
+            labels=labels, dialect=deployment.provider, api_key=deployment.api_key or "",
+            models=(deployment.handle,),
+            model_map={deployment.handle: deployment.model}
+            if deployment.model != deployment.handle else {},
+            name=name, params=dict(deployment.params),
+            max_input_tokens=deployment.max_input_tokens,
+        ))
+    return tuple(nodes)
 
 
 def is_catalogue(doc: Mapping[str, Any]) -> bool:

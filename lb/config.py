@@ -43,6 +43,9 @@ class NodeConfig:
     # The node's own name for a model clients know by another (a catalogue handle).
     model_map: Mapping[str, str] = attrs.field(factory=dict)
     name: str = ""  # overrides host:port as the key (two deployments on one host)
+    # Request fields the deployment sets when the client did not (a catalogue's litellm_params).
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    max_input_tokens: int | None = None  # the largest prompt it takes (None: unknown)
     # host:port (or `name`), the name a node goes by in headers, MAXCONN_MAP and `?node=`;
     # computed once because the request path reads it several times.
     key: str = attrs.field(init=False, eq=False, repr=False)
@@ -586,8 +589,13 @@ class Settings:
         return tuple(nodes)
 
     def all_nodes(self) -> tuple[NodeConfig, ...]:
-        """Configured nodes, then the providers'."""
-        return self.nodes + self.provider_nodes()
+        """Configured nodes, the providers', then the catalogue's deployments."""
+        nodes = self.nodes + self.provider_nodes()
+        if self.catalogue is not None:
+            from lb.catalogue import node_configs
+
+            nodes += node_configs(self.catalogue, taken={node.key for node in nodes})
+        return nodes
 
     def maxconn_for(self, node: NodeConfig) -> int:
         if node.maxconn is not None:
@@ -629,6 +637,7 @@ def load_settings(
     """Defaults <- YAML <- environment <- flags; flags that are None are not given."""
     values: dict[str, Any] = {}
     env = env or {}
+    catalogue = None
     if config_file:
         doc = read_yaml(config_file)
         catalogue = _catalogue(doc, env, config_file)
@@ -650,12 +659,27 @@ def load_settings(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _parse(_BY_NAME[name], value, "flag")
+    if catalogue is not None:
+        _layer_catalogue(values, catalogue, env)
     settings = Settings(**values)
     try:
         _check_unique(settings.all_nodes())
     except ValueError as exc:
         raise ConfigError(f"nodes: {exc}") from None
     return settings
+
+
+def _layer_catalogue(values: dict[str, Any], catalogue: Catalogue, env: Mapping[str, str]) -> None:
+    """The catalogue's aliases, fallbacks and switches, under what the file's own keys, the
+    environment and flags said."""
+    try:
+        values["aliases"] = resolve_aliases({**catalogue.aliases, **values.get("aliases", {})})
+    except ValueError as exc:
+        raise ConfigError(f"aliases: {exc}") from None
+    values["fallbacks"] = {**catalogue.fallbacks, **values.get("fallbacks", {})}
+    values.setdefault("alias_only", catalogue.alias_only)
+    if "drop_params" not in values:  # LiteLLM's default: pass unknown fields on
+        values["drop_params"] = catalogue.drop_params
 
 
 def _check_unique(nodes: tuple[NodeConfig, ...]) -> None:

@@ -101,6 +101,16 @@ async def start_lb(
     return Running(port, scope)
 
 
+async def start_lb_with(nursery: trio.Nursery, settings: Settings) -> Running:
+    """lb with exactly these settings (listening on 127.0.0.1, a free port)."""
+    settings = attrs.evolve(settings, host="127.0.0.1", port=0)
+    port, scope = await _start(
+        nursery,
+        lambda task_status: serve(settings, handle_signals=False, task_status=task_status),
+    )
+    return Running(port, scope)
+
+
 def sdk(lb: Running) -> openai.AsyncOpenAI:
     """The official client, with its own retries off so that lb's behaviour shows."""
     return openai.AsyncOpenAI(base_url=f"{lb.url}/v1", api_key="test", max_retries=0)

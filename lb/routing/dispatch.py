@@ -51,6 +51,7 @@ from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
 from lb.routing import prefix, strategies
+from lb.routing.context import check_context, estimate_tokens
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind, resolve_model
@@ -109,6 +110,7 @@ class Plan:
     max_attempts: int
     # Candidates from fallback groups -> the model they are asked for instead of `model`.
     fallback: Mapping[str, str] = attrs.field(factory=dict)
+    matched: str | None = None  # the name a wildcard group (`model`) matched
 
 
 class Dispatcher:
@@ -129,6 +131,7 @@ class Dispatcher:
         self.sentinels = settings.sentinels
         self.aliases = settings.aliases
         self.fallbacks = settings.fallbacks
+        self.catalogue = settings.catalogue
         self._counter = itertools.count()
         self._rng = rng or random.Random()
         # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
@@ -137,18 +140,12 @@ class Dispatcher:
     def plan(self, intent: RouteRequest, trace: Trace | None = None) -> Plan:
         """Resolve the model and order the nodes that may take the request (no I/O); the
         resolved model goes into `trace` even when no node can take it."""
-        requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
-        try:
-            model = resolve_model(
-                requested, self.registry.model_counts(), kind=intent.kind,
-                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
-                prefer_small=intent.prefer_small,
-            )
-        except ModelNotFound:
-            if requested not in self.fallbacks:
-                self._unavailable(intent, requested)
-                raise
-            model = requested  # none of its nodes is up: its fallbacks may be
+        model, matched = self._model_for(intent)
+        estimate = None
+        catalogue = self.catalogue
+        if catalogue is not None and model in catalogue.limited:  # a known context window
+            estimate = estimate_tokens(intent.body, intent.kind)
+            model = check_context(catalogue, model, estimate)
         if trace is not None:
             trace.model = model
         raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
@@ -156,6 +153,8 @@ class Dispatcher:
         if intent.budget is not None:
             budget = min(budget, intent.budget)
         nodes = self.registry.serving(model)
+        if estimate is not None:  # only the deployments the prompt fits
+            nodes = [node for node in nodes if _fits(node, estimate)]
         if intent.node:
             nodes = [node for node in nodes if node.key == intent.node]
             if not nodes:
@@ -165,12 +164,12 @@ class Dispatcher:
         strategy = intent.strategy or self.strategy
         fallback: dict[str, str] = {}
         extra: list[Node] = []
-        if model in self.fallbacks and not intent.node:
+        if self.fallbacks and not intent.node and self._fallback_groups(model):
             extra, fallback = self._fallbacks(model, strategy, now, open_nodes)
         if not open_nodes:
             if not extra:
                 raise _nobody_serves(model, nodes, now)
-            return self._plan(intent, model, raw, budget, extra, fallback)
+            return self._plan(intent, model, raw, budget, extra, fallback, matched)
         latency = prices = hint = None
         chain: tuple[bytes, ...] = ()
         # Figures, prices and prefixes only for the strategies that read them (the default does
@@ -190,11 +189,11 @@ class Dispatcher:
         if chain:
             # The chosen node owns the prefix now (moved when bounded load passed it over).
             self.prefixes.record(chain, candidates[0].key)
-        return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback)
+        return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback, matched)
 
     def _plan(
         self, intent: RouteRequest, model: str, raw: bytes, budget: float,
-        candidates: Sequence[Node], fallback: dict[str, str],
+        candidates: Sequence[Node], fallback: dict[str, str], matched: str | None,
     ) -> Plan:
         retries = 0 if intent.node else self.settings.max_retries
         return Plan(
@@ -211,9 +210,35 @@ class Dispatcher:
             request_id=intent.request_id,
             headers=intent.headers,
             # Each fallback group gets its own chance, whatever the retries spent before it.
-            max_attempts=1 + retries + len(self.fallbacks.get(model, ())),
+            max_attempts=1 + retries + len(self._fallback_groups(model)),
             fallback=fallback,
+            matched=matched,
         )
+
+    def _model_for(self, intent: RouteRequest) -> tuple[str, str | None]:
+        """The model (or catalogue group) to route to, and the name a wildcard group (`mlx-*`)
+        matched, if that is how it was found."""
+        requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
+        try:
+            model = resolve_model(
+                requested, self.registry.model_counts(), kind=intent.kind,
+                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
+                prefer_small=intent.prefer_small,
+            )
+            return model, None
+        except ModelNotFound:
+            group = self.catalogue.group_for(requested) if self.catalogue else None
+            if group is not None and "*" in group and self.registry.serving(group):
+                return group, requested
+            if not self._fallback_groups(requested):
+                self._unavailable(intent, requested)
+                raise
+            return requested, None  # none of its nodes is up: its fallbacks may be
+
+    def _fallback_groups(self, model: str) -> tuple[str, ...]:
+        """`model`'s fallbacks; `*`: those of every model without its own."""
+        fallbacks = self.fallbacks
+        return fallbacks.get(model) or fallbacks.get("*", ()) if fallbacks else ()
 
     def _fallbacks(
         self, model: str, strategy: strategies.Strategy, now: float, primary: list[Node],
@@ -223,7 +248,7 @@ class Dispatcher:
         taken = {node.key for node in primary}
         extra: list[Node] = []
         fallback: dict[str, str] = {}
-        for group in self.fallbacks[model]:
+        for group in self._fallback_groups(model):
             nodes = [
                 node for node in self.registry.serving(group)
                 if node.key not in taken and blocked(node, now) is None
@@ -496,10 +521,14 @@ class _Run:
         dialect = node.dialect
         asked = plan.fallback.get(node.key, plan.model)
         model = config.model_map.get(asked, asked)
-        if dialect.passthrough and model == plan.model:
+        if plan.matched is not None and "*" in model:  # `mlx-*` -> the part `*` matched
+            head, _, tail = asked.partition("*")
+            model = model.replace("*", plan.matched[len(head): len(plan.matched) - len(tail)], 1)
+        if dialect.passthrough and model == plan.model and not config.params:
             body = plan.body
         else:
-            body = dialect.encode(plan.kind, plan.fields, model)
+            fields = {**config.params, **plan.fields} if config.params else plan.fields
+            body = dialect.encode(plan.kind, fields, model)
         headers = plan.headers + node.auth_headers
         if config.forward_auth and not node.auth_headers and plan.authorization is not None:
             headers.append((b"authorization", plan.authorization))
@@ -686,6 +715,11 @@ class _Run:
                 self.dispatcher.registry.breaker_opened(node, until)
         else:
             breaker.release_probe()
+
+
+def _fits(node: Node, estimate: int) -> bool:
+    limit = node.config.max_input_tokens
+    return limit is None or estimate <= limit
 
 
 def _prices(nodes: Sequence[Node]) -> dict[str, float]:
