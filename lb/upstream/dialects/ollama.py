@@ -524,9 +524,13 @@ class OllamaStreamTranslator:
 
     def finish(self) -> bytes:
         out = b""
-        if self._buffer:  # a last line without its newline
-            out = self._line(self._buffer)
-            self._buffer = b""
+        if self._buffer:  # a last line without its newline, or half a line: the node died
+            rest, self._buffer = self._buffer, b""
+            try:
+                orjson.loads(rest)
+            except orjson.JSONDecodeError:
+                raise StreamIncomplete("Ollama's stream ended inside a line") from None
+            out = self._line(rest)
         if not self._done:
             raise StreamIncomplete("Ollama's stream ended before its 'done: true' line")
         if self._include_usage:
