@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from ollama import _types as ollama_types  # the request types are not re-exported
 from openai.types import Completion, CreateEmbeddingResponse
@@ -31,6 +31,8 @@ from lb.upstream.dialects.base import Dialect, StreamIncomplete
 from lb.upstream.dialects.ollama import OllamaDialect, OllamaStreamTranslator, encode_body
 
 DIALECT = OllamaDialect()
+# No deadline: the machine is shared, and a slow example is not a wrong one.
+PURE = settings(deadline=None)
 TEXT = st.text(max_size=30)
 JSON_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), TEXT)
 ARGUMENTS = st.dictionaries(st.text(min_size=1, max_size=10), JSON_SCALAR, max_size=4)
@@ -167,6 +169,7 @@ def _text_of(content: Any) -> str:
     return "\n".join(p["text"] for p in content if p["type"] == "text")
 
 
+@PURE
 @given(chat_body())
 def test_encode_chat_keeps_meaning(body: dict[str, Any]) -> None:
     wire = orjson.loads(DIALECT.encode("chat", body, "llama3:8b"))
@@ -295,6 +298,7 @@ DONE_REASON = st.sampled_from([None, "stop", "length"])
 COUNT = st.integers(0, 10**6)
 
 
+@PURE
 @given(TEXT, st.lists(ARGUMENTS, max_size=3), DONE_REASON, COUNT, COUNT, TEXT)
 def test_decode_chat_validates_and_keeps_meaning(
     content: str, calls: list[dict[str, Any]], reason: str | None, prompt: int, completion: int,
@@ -404,6 +408,7 @@ def _translate(pieces: list[bytes], include_usage: bool, kind: ModelKind = "chat
     return b"".join(translator.feed(piece) for piece in pieces) + translator.finish()
 
 
+@PURE
 @given(chat_stream(), st.lists(st.integers(0, 2000), max_size=12), st.booleans(),
        st.booleans())
 def test_stream_split_anywhere_same_events(
@@ -444,6 +449,7 @@ def test_stream_split_anywhere_same_events(
         assert usage.usage.completion_tokens == last["eval_count"]
 
 
+@PURE
 @given(st.lists(TEXT, max_size=6), st.lists(st.integers(0, 500), max_size=6), st.booleans())
 def test_generate_stream_split_anywhere(
     texts: list[str], cuts: list[int], include_usage: bool
