@@ -24,10 +24,10 @@ from openai.types.chat import (
     ChatCompletionMessageFunctionToolCall,
 )
 
-from lb.errors import BadRequest, UpstreamStreamError
+from lb.errors import BadRequest
 from lb.routing.resolve import ModelKind
 from lb.testing import MockNode
-from lb.upstream.dialects.base import Dialect, StreamIncomplete
+from lb.upstream.dialects.base import Dialect, StreamFailed, StreamIncomplete
 from lb.upstream.dialects.ollama import OllamaDialect, OllamaStreamTranslator, encode_body
 
 DIALECT = OllamaDialect()
@@ -477,8 +477,20 @@ def test_stream_error_line_raises_after_what_came_before() -> None:
     assert [e["choices"][0]["delta"] for e in events(first)] == [
         {"role": "assistant", "content": ""}, {"content": "Hi"},
     ]
-    with pytest.raises(UpstreamStreamError, match="runner process has terminated"):
+    with pytest.raises(StreamFailed, match="runner process has terminated"):
         translator.feed(b'{"error":"llama runner process has terminated"}\n')
+
+
+def test_stream_error_in_the_same_read_as_good_lines() -> None:
+    """The events before the error go out; the error comes with the next call."""
+    translator = DIALECT.translator("chat", "m", {})
+    out = translator.feed(b'{"message":{"content":"Hi"},"done":false}\n{"error":"boom"}\n'
+                          b'{"message":{"content":"never"},"done":false}\n')
+    assert [e["choices"][0]["delta"].get("content") for e in events(out)] == ["", "Hi"]
+    with pytest.raises(StreamFailed, match="boom"):
+        translator.finish()
+    with pytest.raises(StreamFailed, match="boom"):
+        translator.feed(b"")
 
 
 @pytest.mark.parametrize("data", [
@@ -503,7 +515,7 @@ def test_stream_last_line_without_newline_counts() -> None:
 
 @pytest.mark.parametrize("line", [b"garbage\n", b"[1,2]\n"])
 def test_stream_line_that_is_not_an_object(line: bytes) -> None:
-    with pytest.raises(UpstreamStreamError):
+    with pytest.raises(StreamFailed):
         DIALECT.translator("chat", "m", {}).feed(line)
 
 
@@ -657,7 +669,7 @@ async def test_errors_over_sockets() -> None:
             assert status == 503
             assert orjson.loads(body)["error"]["message"].startswith("Injected fault")
 
-            with pytest.raises(UpstreamStreamError, match="mock stream error after 3 lines"):
+            with pytest.raises(StreamFailed, match="mock stream error after 3 lines"):
                 await call(client, "chat", {**CHAT, "stream": True},
                            headers={"x-mock-stream-error": "3"})
             with pytest.raises((StreamIncomplete, httpx.RemoteProtocolError)):
@@ -668,5 +680,5 @@ async def test_errors_over_sockets() -> None:
 def test_error_line_without_newline_keeps_its_message() -> None:
     translator = DIALECT.translator("chat", "m", {})
     translator.feed(b'{"error":"out of memory"}')
-    with pytest.raises(UpstreamStreamError, match="out of memory"):
+    with pytest.raises(StreamFailed, match="out of memory"):
         translator.finish()

@@ -33,12 +33,12 @@ from typing import Any
 
 import orjson
 
-from lb.errors import BadRequest, LBError, UpstreamStreamError
+from lb.errors import BadRequest, LBError
 from lb.http.errors import error_payload
 from lb.http.sse import DONE
 from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
-from lb.upstream.dialects.base import StreamIncomplete
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete
 
 __all__ = ["PATHS", "OllamaDialect", "OllamaStreamTranslator"]
 
@@ -480,11 +480,13 @@ class OllamaStreamTranslator:
     """One Ollama NDJSON answer (`/api/chat` or `/api/generate`) -> OpenAI SSE chunks: one id,
     the assistant role first (chat), content (and `reasoning_content`, tool call) deltas, the
     finish chunk on the `done: true` line; `finish` adds the usage chunk (if asked) and
-    `[DONE]`. A line `{"error": ...}` raises `lb.errors.UpstreamStreamError` with Ollama's
-    message (the node's fault); so does a line that is not a JSON object."""
+    `[DONE]`. A line `{"error": ...}` raises `StreamFailed` with Ollama's
+    message (the node's fault); so does a line that is not a JSON object. When the same read
+    held good lines before it, `feed` returns their events and the next `feed` or `finish`
+    raises."""
 
-    __slots__ = ("_buffer", "_calls", "_chat", "_cid", "_done", "_head", "_include_usage",
-                 "_object", "_started", "_usage", "_usage_head")
+    __slots__ = ("_buffer", "_calls", "_chat", "_cid", "_done", "_failed", "_head",
+                 "_include_usage", "_object", "_started", "_usage", "_usage_head")
 
     def __init__(
         self, kind: ModelKind, model: str, *, include_usage: bool = False,
@@ -505,24 +507,39 @@ class OllamaStreamTranslator:
         self._done = False
         self._calls = 0  # tool calls sent so far: the next one's index
         self._usage: tuple[int, int] | None = None
+        self._failed: StreamFailed | None = None  # an error line read after other lines
 
     @property
     def usage(self) -> tuple[int, int] | None:
         return self._usage
 
     def feed(self, data: bytes) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         buffer = self._buffer + data if self._buffer else data
         end = buffer.rfind(b"\n")
         if end < 0:
             if len(buffer) > MAX_LINE:
-                raise UpstreamStreamError(f"Ollama sent a stream line over {MAX_LINE} bytes")
+                raise StreamFailed(f"Ollama sent a stream line over {MAX_LINE} bytes")
             self._buffer = buffer
             return b""
         self._buffer = buffer[end + 1:]
-        out = [self._line(line) for line in buffer[:end].split(b"\n")]
+        out = []
+        for line in buffer[:end].split(b"\n"):
+            try:
+                out.append(self._line(line))
+            except StreamFailed as exc:
+                if not any(out):
+                    raise
+                # What came before the error goes out first; the error on the next call.
+                self._failed = exc
+                self._buffer = b""
+                break
         return b"".join(out)
 
     def finish(self) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         out = b""
         if self._buffer:  # a last line without its newline, or half a line: the node died
             rest, self._buffer = self._buffer, b""
@@ -547,12 +564,12 @@ class OllamaStreamTranslator:
         try:
             part = orjson.loads(line)
         except orjson.JSONDecodeError:
-            raise UpstreamStreamError("Ollama sent a stream line that is not JSON") from None
+            raise StreamFailed("Ollama sent a stream line that is not JSON") from None
         if not isinstance(part, dict):
-            raise UpstreamStreamError("Ollama sent a stream line that is not a JSON object")
+            raise StreamFailed("Ollama sent a stream line that is not a JSON object")
         error = part.get("error")
         if error is not None:
-            raise UpstreamStreamError(f"Ollama: {error}")
+            raise StreamFailed(f"Ollama: {error}")
         out = []
         if not self._started:
             self._started = True
