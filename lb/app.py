@@ -16,7 +16,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, debug, health, metrics, nodes, proxy, stats
+from lb.api import admin, anthropic, debug, health, metrics, nodes, proxy, stats
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -179,6 +179,7 @@ def build_router(
     )
     dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     proxy.add_routes(router, dispatcher)
+    anthropic.add_routes(router, dispatcher)
     return router
 
 

@@ -74,6 +74,7 @@ from lb.http.types import (
     ResponseSink,
     StreamBody,
 )
+from lb.testing import tools
 from lb.testing.embeddings import embed, embed_tokens, to_base64, words
 from lb.testing.faults import FaultSpec, FaultSpecError, parse_fault
 
@@ -166,6 +167,7 @@ class MockNode:
     prefill_ms_per_kb: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
     cache_entries: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     ttft_per_inflight_ms: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    tool_calls: bool = False  # answer requests that offer tools with a call (lb.testing.tools)
     stats: MockStats = attrs.field(factory=MockStats, init=False)
     server: HTTPServer | None = attrs.field(default=None, init=False)
     _router: Router = attrs.field(init=False)
@@ -481,6 +483,9 @@ class MockNode:
         )
         created = int(time.time())
         cid = self._new_id("chatcmpl")
+        if self.tool_calls and (tool := tools.wanted_tool(body)) is not None:
+            usage = _usage(prompt_tokens, len(tools.arguments_for(body)) // 4)
+            return tools.tool_answer(body, tool, cid, created, model, usage, knobs.ttft)
         if body.get("stream") is True:
             return _stream(
                 _CHAT, cid, created, model, n, finish,
