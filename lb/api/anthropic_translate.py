@@ -443,12 +443,15 @@ def chat_to_message(
     }
 
 
+_PING = sse("ping", {"type": "ping"})
+
+
 def message_events(message: dict[str, Any]) -> bytes:
     """A whole message as the event stream Anthropic would have sent (for a node that
     answered JSON to a streamed request)."""
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
              "usage": {**message["usage"], "output_tokens": 0}}
-    out = [sse("message_start", {"type": "message_start", "message": start})]
+    out = [sse("message_start", {"type": "message_start", "message": start}), _PING]
     for index, block in enumerate(message["content"]):
         first: dict[str, Any]
         if block["type"] == "text":
@@ -478,9 +481,6 @@ def message_events(message: dict[str, Any]) -> bytes:
 
 
 # -- stream: OpenAI SSE -> Anthropic events ------------------------------------------------------
-
-_PING = sse("ping", {"type": "ping"})
-
 
 class ChatToMessagesStream:
     """Turns an OpenAI chat stream (bytes, split anywhere) into Anthropic's event stream.
