@@ -210,6 +210,7 @@ async def answer(
 
 
 def finish_trace(observer: RequestObserver, trace: Trace) -> None:
+    """The request ended: its duration, and the observers hear of it (every dialect's edge)."""
     trace.duration = trio.current_time() - trace.arrival
     observer.finished(trace)
 

@@ -35,6 +35,9 @@ Two opt-in models of a real server's time to first token, for routing benchmarks
 - `ttft_per_inflight_ms`: TTFT grows by that much per other generation request (chat,
   completions, embeddings) in flight on the node when the request arrives.
 
+`tool_calls=True` answers a chat request that offers tools with a tool call (see
+lb.testing.tools), for clients' tool handling end to end.
+
 The fault item `drop-after-done=1` plays llama-cpp-python's end of a stream when the context
 fills: every event, `data: [DONE]` included, then the connection closes without the chunked
 body's last chunk.
