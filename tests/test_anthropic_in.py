@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 import trio
-from harness import Running, start_lb, start_mock
+from harness import Running, json_answer, read_body, start_lb, start_mock, start_scripted
 
 MODEL = "llama-3.1-8b"
 HELLO: list[Any] = [{"role": "user", "content": "hello world"}]
@@ -289,3 +289,45 @@ async def test_count_tokens_is_an_estimate(nursery: trio.Nursery) -> None:
         assert 0 < short.input_tokens < long.input_tokens
         assert 250 <= long.input_tokens <= 400  # about 4 bytes a token
         assert await node.chats() == 0
+
+
+def _completion(text: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-7", "object": "chat.completion", "model": MODEL, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": text},
+         "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+async def test_a_node_answering_json_to_a_stream_request(nursery: trio.Nursery) -> None:
+    """Some servers ignore `stream`: the client still gets Anthropic's event stream."""
+
+    async def script(head: bytes, stream: trio.SocketStream, buffered: bytearray) -> None:
+        await read_body(stream, head, buffered)
+        await stream.send_all(json_answer(_completion("whole answer")))
+
+    with trio.fail_after(10):
+        node = await start_scripted(nursery, script, (MODEL,))
+        lb = await start_lb(nursery, [node])
+        async with client_for(lb).messages.stream(
+            model=MODEL, max_tokens=9, messages=HELLO
+        ) as stream:
+            final = await stream.get_final_message()
+        assert final.content[0].text == "whole answer"  # type: ignore[union-attr]
+        assert final.usage.input_tokens == 3 and final.usage.output_tokens == 2
+
+
+async def test_a_node_streaming_to_a_json_request_is_a_502(nursery: trio.Nursery) -> None:
+    async def script(head: bytes, stream: trio.SocketStream, buffered: bytearray) -> None:
+        await read_body(stream, head, buffered)
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: [DONE]\n\n'
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"content-length: " + str(len(event)).encode() + b"\r\n\r\n" + event
+        )
+
+    with trio.fail_after(10):
+        node = await start_scripted(nursery, script, (MODEL,))
+        lb = await start_lb(nursery, [node])
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            await client_for(lb).messages.create(model=MODEL, max_tokens=9, messages=HELLO)
+        assert caught.value.status_code == 502
+        assert "did not ask for a stream" in caught.value.body["error"]["message"]  # type: ignore[index, call-overload]

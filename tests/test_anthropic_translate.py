@@ -376,3 +376,16 @@ def test_estimate_tokens_grows_with_the_prompt() -> None:
     long = {"messages": [{"role": "user", "content": "x" * 4000}]}
     assert 0 < tr.estimate_tokens(short) < tr.estimate_tokens(long)
     assert 1000 <= tr.estimate_tokens(long) <= 1020
+
+
+def test_whole_tool_calls_without_index() -> None:
+    """Servers that send each call whole in one delta may leave out `index`."""
+    calls = [{"id": "a", "function": {"name": "f", "arguments": "{}"}},
+             {"id": "b", "function": {"name": "g", "arguments": '{"x":1}'}}]
+    raw = (b'data: ' + orjson.dumps({"choices": [{"index": 0, "delta": {"tool_calls": calls},
+                                                  "finish_reason": "tool_calls"}]})
+           + b"\n\ndata: [DONE]\n\n")
+    message = accumulate(translate([raw]))
+    assert [(b["id"], b["name"], b["input"]) for b in message["content"]] == [
+        ("a", "f", {}), ("b", "g", {"x": 1})]
+    assert message["stop_reason"] == "tool_use"

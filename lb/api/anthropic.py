@@ -64,8 +64,8 @@ class AnthropicSink:
     `send`) becomes a message, or an Anthropic error for a node's error answer, or, when the
     client asked to stream and the node answered JSON anyway, the message's event stream."""
 
-    __slots__ = ("_headers", "_model", "_msg_id", "_sink", "_status", "_stop", "_stream",
-                 "_translator", "_written")
+    __slots__ = ("_headers", "_mode", "_model", "_msg_id", "_sink", "_status", "_stop",
+                 "_stream", "_translator")
 
     def __init__(
         self, sink: ResponseSink, *, model: str, msg_id: str, stream: bool,
@@ -78,7 +78,7 @@ class AnthropicSink:
         self._stop = tuple(stop_sequences)
         self._status = 200
         self._headers: Headers = []
-        self._written = False
+        self._mode: str | None = None  # set by the first send: "sse" or "json"
         self._translator: tr.ChatToMessagesStream | None = None
         if stream:
             self._translator = tr.ChatToMessagesStream(model, msg_id, input_tokens, self._stop)
@@ -86,12 +86,12 @@ class AnthropicSink:
     @property
     def committed(self) -> bool:
         # Dispatch's view: once it sent bytes, it may not fail over (as with the real sink).
-        return self._written or self._sink.committed
+        return self._mode is not None or self._sink.committed
 
     @property
     def streaming(self) -> bool:
         """The answer is going out as an event stream (an error must be an event then)."""
-        return self._sink.committed and self._translator is not None and self._is_sse()
+        return self._mode == "sse" and self._sink.committed
 
     def head(self, status: int, headers: Headers) -> None:
         if self.committed:
@@ -105,21 +105,28 @@ class AnthropicSink:
         self._sink.cancel_on_drain(scope)
 
     async def send(self, data: bytes) -> None:
-        first = not self._written
-        self._written = True
-        kept = [item for item in self._headers if item[0] not in _REWRITTEN]
-        if self._translator is not None and self._is_sse():
-            if first:
-                self._sink.head(200, [*kept, *SSE_HEADERS])
+        if self._mode == "sse":
+            assert self._translator is not None
             out = self._translator.feed(data)
             if out:
                 await self._sink.send(out)
             return
+        if self._mode is not None:
+            raise RuntimeError("a JSON answer comes in one send")
+        kept = [item for item in self._headers if item[0] not in _REWRITTEN]
+        if self._status == 200 and _is_event_stream(self._headers):
+            self._mode = "sse"
+            if self._translator is None:  # the node streamed though it was not asked to
+                raise UpstreamProtocolError(
+                    "The node streamed its answer to a request that did not ask for a stream"
+                )
+            self._sink.head(200, [*kept, *SSE_HEADERS])
+            await self.send(data)
+            return
+        self._mode = "json"
         status = self._status
         if 200 <= status < 300:
-            message = tr.chat_to_message(
-                _loads(data), self._model, self._msg_id, self._stop
-            )
+            message = tr.chat_to_message(_loads(data), self._model, self._msg_id, self._stop)
             if self._stream:
                 body, headers = tr.message_events(message), [*kept, *SSE_HEADERS]
             else:
@@ -134,7 +141,7 @@ class AnthropicSink:
 
     async def finish(self) -> None:
         """After dispatch returned: end a stream the node ended without `[DONE]`."""
-        if self._translator is not None and self._is_sse() and self._written:
+        if self._mode == "sse" and self._translator is not None:
             out = self._translator.close()
             if out:
                 await self._sink.send(out)
@@ -143,11 +150,19 @@ class AnthropicSink:
         assert self._translator is not None
         return self._translator.error(error)
 
-    def _is_sse(self) -> bool:
-        return self._status == 200 and any(
-            key == b"content-type" and value.startswith(b"text/event-stream")
-            for key, value in self._headers
-        )
+
+class UpstreamProtocolError(LBError):
+    """The node's answer is not one the translation can use."""
+
+    status = 502
+    code = "upstream_protocol_error"
+
+
+def _is_event_stream(headers: Headers) -> bool:
+    return any(
+        key == b"content-type" and value.startswith(b"text/event-stream")
+        for key, value in headers
+    )
 
 
 def _loads(data: bytes) -> Any:

@@ -617,15 +617,16 @@ class ChatToMessagesStream:
                 self._delta({"type": "text_delta", "text": text}, out)
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
-                for call in calls:
+                for position, call in enumerate(calls):
                     if isinstance(call, dict):
-                        self._tool_delta(call, out)
+                        self._tool_delta(call, position, out)
         if choice.get("finish_reason"):
             self._finish = choice["finish_reason"]
             self._matched = choice.get("stop_reason")
 
-    def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
-        position = call.get("index", 0)
+    def _tool_delta(self, call: dict[str, Any], position: int, out: list[bytes]) -> None:
+        # Servers that send whole calls at once may leave out `index`: their place in the list.
+        position = call.get("index", position)
         function = call.get("function")
         function = function if isinstance(function, dict) else {}
         index = self._tools.get(position)
