@@ -13,6 +13,8 @@ import pytest
 import trio
 from harness import Running, json_answer, read_body, start_lb, start_mock, start_scripted
 
+from lb.config import NodeConfig
+
 MODEL = "llama-3.1-8b"
 HELLO: list[Any] = [{"role": "user", "content": "hello world"}]
 WEATHER = {
@@ -331,3 +333,44 @@ async def test_a_node_streaming_to_a_json_request_is_a_502(nursery: trio.Nursery
             await client_for(lb).messages.create(model=MODEL, max_tokens=9, messages=HELLO)
         assert caught.value.status_code == 502
         assert "did not ask for a stream" in caught.value.body["error"]["message"]  # type: ignore[index, call-overload]
+
+
+async def test_the_clients_key_reaches_only_a_forward_auth_node(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await start_lb(nursery, [], configs=(NodeConfig(node.url, forward_auth=True),))
+        await client_for(lb).messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+        headers = (await node.requests())[-1]["headers"]
+        assert headers["authorization"] == "Bearer sk-client"  # the x-api-key, as a bearer
+        assert "x-api-key" not in headers and "anthropic-version" not in headers
+
+
+async def test_in_front_of_an_ollama_native_node(nursery: trio.Nursery) -> None:
+    """lb translates twice: Anthropic -> OpenAI at the edge, OpenAI -> Ollama in dispatch."""
+    with trio.fail_after(20):
+        node = await start_mock(nursery, models=("llama3:8b",), tokens=4)
+        lb = await start_lb(nursery, [], configs=(NodeConfig(node.url, dialect="ollama"),))
+        client = client_for(lb)
+        message = await client.messages.create(
+            model="llama3:8b", max_tokens=3, messages=HELLO
+        )
+        assert message.content[0].text == "Lorem ipsum dolor"  # type: ignore[union-attr]
+        assert message.stop_reason == "max_tokens"
+        assert (await node.requests())[-1]["path"] == "/api/chat"
+        async with client.messages.stream(
+            model="llama3:8b", max_tokens=50, messages=HELLO
+        ) as stream:
+            final = await stream.get_final_message()
+        assert final.content[0].text == "Lorem ipsum dolor sit"  # type: ignore[union-attr]
+        assert final.stop_reason == "end_turn" and final.usage.output_tokens == 4
+        tool = {"name": "get_weather", "input_schema": {
+            "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}
+        async with client.messages.stream(
+            model="llama3:8b", max_tokens=50, messages=HELLO, tools=[tool],  # type: ignore[list-item]
+        ) as stream:
+            final = await stream.get_final_message()
+        assert final.stop_reason == "tool_use"
+        (call,) = final.content
+        assert isinstance(call, anthropic.types.ToolUseBlock)
+        assert call.name == "get_weather" and isinstance(call.input, dict)
+        assert "city" in call.input

@@ -5,7 +5,8 @@ body (`anthropic_translate`), routed and dispatched like `/v1/chat/completions` 
 `route_request` and `Dispatcher`), and the OpenAI answer coming out of dispatch is written in
 Anthropic's dialect by `AnthropicSink`, a `ResponseSink` wrapper. Every `LBError` is answered
 here in Anthropic's shape (the server would write OpenAI's): before the head as status + JSON,
-after it as `event: error`. The client's credentials and Anthropic headers stay here.
+after it as `event: error`. Anthropic's headers stay here; the client's key goes on only to
+nodes that `forward_auth`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from lb.http.types import JSON_HEADERS, ClientGone, Headers, Request, Response, 
 from lb.obs.observer import Trace
 from lb.routing.dispatch import Dispatcher
 
-# The client's credentials for lb and Anthropic's protocol headers are no node's business.
-_CLIENT_ONLY = frozenset({b"authorization", b"x-api-key"})
 # Headers lb writes itself on a translated answer (the body is a new one).
 _REWRITTEN = frozenset({b"content-length", b"content-type", b"content-encoding"})
 
@@ -47,12 +46,17 @@ def error_headers(error: LBError, body: bytes) -> Headers:
 
 
 def _to_node(request: Request, body: bytes) -> Request:
-    """The request as a node may see it: the translated body, without the client's
-    credentials and the `anthropic-*` headers (`anthropic-version`, `anthropic-beta`)."""
+    """The request as routing sees it: the translated body, without the `anthropic-*` headers
+    (`anthropic-version`, `anthropic-beta`). The client's key (`x-api-key`, or a bearer token)
+    becomes the request's `Authorization`, which `route_request` keeps apart from the node's
+    headers: it reaches only a node configured with `forward_auth`, as on the OpenAI edge."""
     headers = [
         item for item in request.headers
-        if item[0] not in _CLIENT_ONLY and not item[0].startswith(b"anthropic-")
+        if item[0] != b"x-api-key" and not item[0].startswith(b"anthropic-")
     ]
+    key = request.header(b"x-api-key")
+    if key is not None and request.header(b"authorization") is None:
+        headers.append((b"authorization", b"Bearer " + key))
     return attrs.evolve(request, body=body, headers=headers)
 
 
