@@ -31,7 +31,7 @@ from test_dispatch import (
 )
 
 from lb.config import ConfigError, load_settings
-from lb.errors import AllUpstreamsFailed
+from lb.errors import AllUpstreamsFailed, DeadlineExceeded
 from lb.obs.observer import Trace
 from lb.routing import hedge
 from lb.routing.dispatch import Dispatcher
@@ -266,6 +266,24 @@ async def test_a_hedge_never_queues_for_a_slot(autojump_clock: Any) -> None:
         sink, trace = await go(d)
         assert trio.current_time() - start == pytest.approx(30.0)
     assert sink.tags[b"x-attempts"] == b"1" and trace.hedges == 0 and len(busy.requests) == 1
+
+
+async def test_the_deadline_covers_both_attempts(autojump_clock: Any) -> None:
+    a, _ = node(Script(head_after=300.0))
+    b, _ = node(Script(head_after=300.0), port=2)
+    with pytest.raises(DeadlineExceeded) as caught:
+        await go(hedging(a, b), intent(budget=5.0))
+    assert "after 2 attempt(s)" in caught.value.message
+    assert trio.current_time() == pytest.approx(5.0)
+    assert failures(a) == failures(b) == 0 and idle(a, b)
+
+
+async def test_a_client_leaving_cancels_both_attempts(autojump_clock: Any) -> None:
+    a, _ = node(Script(head_after=300.0))
+    b, _ = node(Script(head_after=300.0), port=2)
+    with trio.move_on_after(3.0):
+        await go(hedging(a, b))
+    assert failures(a) == failures(b) == 0 and idle(a, b)
 
 
 async def test_a_request_for_one_node_is_never_hedged(autojump_clock: Any) -> None:

@@ -458,6 +458,7 @@ class _Run:
         race = _Race()
         delay = hedger.delay(plan.model, trio.current_time())
         async with trio.open_nursery() as nursery:
+            race.running += 1  # counted now: `settled` must not fire before a racer starts
             nursery.start_soon(self._racer, race, first, token)
             hedges = 0
             while delay is not None and hedges < hedger.max_hedges:
@@ -477,6 +478,7 @@ class _Run:
                 self.trace.attempts = self.count
                 self.trace.hedges += 1
                 self.sink.tag(b"x-attempts", str(self.count).encode())
+                race.running += 1
                 nursery.start_soon(self._racer, race, node, token)
         if race.error is not None:  # raised here, not in an ExceptionGroup from the nursery
             raise race.error
@@ -485,7 +487,6 @@ class _Run:
     async def _racer(self, race: _Race, node: Node, token: object) -> None:
         racer = _Racer(race, node, trio.current_time())
         run = attrs.evolve(self, sink=_RacerSink(self.sink, racer), racer=racer)
-        race.running += 1
         try:
             with racer.scope:
                 try:
