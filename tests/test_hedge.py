@@ -31,11 +31,12 @@ from test_dispatch import (
 )
 
 from lb.config import ConfigError, load_settings
-from lb.errors import AllUpstreamsFailed, DeadlineExceeded
+from lb.errors import AllUpstreamsFailed, DeadlineExceeded, UpstreamStreamError
 from lb.obs.observer import Trace
 from lb.routing import hedge
 from lb.routing.dispatch import Dispatcher
 from lb.routing.intent import RouteRequest
+from lb.upstream.client import UpstreamClosed
 
 # --- the delay rule --------------------------------------------------------------------------
 
@@ -130,10 +131,13 @@ def hedging(*nodes: Any, after: Any = 500.0, **options: Any) -> Dispatcher:
 
 
 async def go(d: Dispatcher, request: RouteRequest | None = None) -> tuple[RecordingSink, Trace]:
-    sink = RecordingSink()
-    trace = Trace("req-1", "chat", False, "m1", trio.current_time())
+    sink, trace = RecordingSink(), trace_for()
     await d.execute(request or intent(), sink, trace)
     return sink, trace
+
+
+def trace_for() -> Trace:
+    return Trace("req-1", "chat", False, "m1", trio.current_time())
 
 
 def idle(*nodes: Any) -> bool:
@@ -266,6 +270,20 @@ async def test_a_hedge_never_queues_for_a_slot(autojump_clock: Any) -> None:
         sink, trace = await go(d)
         assert trio.current_time() - start == pytest.approx(30.0)
     assert sink.tags[b"x-attempts"] == b"1" and trace.hedges == 0 and len(busy.requests) == 1
+
+
+async def test_the_winners_stream_breaking_is_the_usual_error_event_case(
+    autojump_clock: Any,
+) -> None:
+    """Once the winner's first byte went out there is no retry: its stream breaking raises
+    UpstreamStreamError as without hedging (not an ExceptionGroup from the race)."""
+    a, _ = node(Script(headers=list(SSE), head_after=30.0, body=[EVENT, DONE]))
+    b, _ = node(sse(EVENT, UpstreamClosed("reset")), port=2)
+    sink = RecordingSink()
+    with pytest.raises(UpstreamStreamError):
+        await hedging(a, b).execute(intent(stream=True), sink, trace_for())
+    assert sink.body == EVENT and sink.tags[b"x-routed-node"] == b.key.encode()
+    assert failures(b) == 1 and failures(a) == 0 and idle(a)
 
 
 async def test_the_deadline_covers_both_attempts(autojump_clock: Any) -> None:
