@@ -510,12 +510,9 @@ class _Run:
             if not race.running:
                 race.settled.set()
 
-    def _claim(self) -> None:
+    def _claim(self, racer: _Racer) -> None:
         """Hedging: this attempt has its answer's head. It takes the sink unless another
         attempt did first (then _Lost), and the others are cancelled."""
-        racer = self.racer
-        if racer is None:
-            return
         race = racer.race
         if race.owner is racer:
             return
@@ -713,7 +710,8 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
-        self._claim()  # an answer: with hedging, the first one wins the sink
+        if self.racer is not None:  # hedging: the first answer wins the sink
+            self._claim(self.racer)
         if not node.dialect.passthrough:
             return await self._translated(node, up, scope)
         headers = _from_node(up.headers, self.trace)
