@@ -357,9 +357,10 @@ MODEL = "llama-3.1-8b"
 
 
 async def two_nodes(
-    nursery: trio.Nursery, **options: Any
+    nursery: trio.Nursery, slow_ms: float, **options: Any
 ) -> tuple[RunningMock, RunningMock, Running]:
-    slow = await start_mock(nursery, models=(MODEL,), name="slow", ttft_ms=1500)
+    """A slow and a fast mock; FAILOVER: the slow one is always tried first."""
+    slow = await start_mock(nursery, models=(MODEL,), name="slow", ttft_ms=slow_ms)
     fast = await start_mock(nursery, models=(MODEL,), name="fast")
     lb = await start_lb(nursery, [slow, fast], routing_strategy="FAILOVER", **options)
     return slow, fast, lb
@@ -383,7 +384,8 @@ async def test_the_sdk_gets_the_fast_nodes_answer_and_the_slow_one_is_cut(
     nursery: trio.Nursery, stream: bool
 ) -> None:
     with trio.fail_after(10):
-        slow, fast, lb = await two_nodes(nursery, hedge_after_ms=100.0)
+        # The slow node would take 60 s: only the hedge can answer within fail_after.
+        slow, fast, lb = await two_nodes(nursery, 60_000, hedge_after_ms=100.0)
         client = sdk(lb)
         raw = await client.chat.completions.with_raw_response.create(
             model=MODEL, stream=stream, **CHAT
@@ -411,7 +413,7 @@ async def test_the_sdk_gets_the_fast_nodes_answer_and_the_slow_one_is_cut(
 
 async def test_without_hedging_the_sdk_waits_for_the_slow_node(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        slow, fast, lb = await two_nodes(nursery)
+        slow, fast, lb = await two_nodes(nursery, 1000)
         raw = await sdk(lb).chat.completions.with_raw_response.create(model=MODEL, **CHAT)
         assert raw.headers["x-attempts"] == "1" and raw.headers["x-mock-node"] == "slow"
         assert (await slow.stats())["disconnects"] == 0 and await fast.chats() == 0
