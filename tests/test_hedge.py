@@ -286,6 +286,17 @@ async def test_the_winners_stream_breaking_is_the_usual_error_event_case(
     assert failures(b) == 1 and failures(a) == 0 and idle(a)
 
 
+async def test_a_twin_is_never_a_fallback_model(autojump_clock: Any) -> None:
+    """MODEL_FALLBACKS nodes come after the model's own in the candidates, but they serve
+    another model: a twin is the same request, so it only goes to a node of the same model."""
+    a, _ = node(Script(head_after=30.0))
+    c, other = node(port=3)
+    d = hedging(a, c, fallbacks={"m1": ("m2",)})
+    d.registry.update(c, models=["m2"], healthy=True)
+    sink, trace = await go(d)
+    assert trace.hedges == 0 and not other.requests and sink.tags[b"x-attempts"] == b"1"
+
+
 async def test_the_deadline_covers_both_attempts(autojump_clock: Any) -> None:
     a, _ = node(Script(head_after=300.0))
     b, _ = node(Script(head_after=300.0), port=2)

@@ -468,7 +468,7 @@ class _Run:
                     await race.settled.wait()
                 if race.settled.is_set():
                     break
-                grabbed = self._free_slot(tried)
+                grabbed = self._free_slot(tried, plan.fallback.get(first.key))
                 if grabbed is None:
                     break
                 node, token = grabbed
@@ -530,11 +530,16 @@ class _Run:
         self.trace.node = racer.node.key
         self.sink.tag(b"x-routed-node", racer.node.key.encode())
 
-    def _free_slot(self, tried: set[str]) -> tuple[Node, object] | None:
-        """A slot on the best untried node that has one free right now (a hedge never waits)."""
+    def _free_slot(self, tried: set[str], group: str | None) -> tuple[Node, object] | None:
+        """A slot on the best untried node that has one free right now (a hedge never waits)
+        and serves what the hedged attempt asked for: the model, or the same fallback group
+        (a twin is the same request, not a fallback)."""
         now = trio.current_time()
+        fallback = self.plan.fallback
         for node in self.plan.candidates:
             if node.key in tried or blocked(node, now) is not None:
+                continue
+            if fallback and fallback.get(node.key) != group:
                 continue
             token = object()
             try:
