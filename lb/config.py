@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from lb.routing.hedge import HedgeAfter, parse_hedge_after
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
 
 if TYPE_CHECKING:
@@ -425,6 +426,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT_SECS", _seconds,
             "Longest gap between two stream chunks"),
     Setting("max_retries", "MAX_RETRIES", _int(0), "Retries on other nodes after a failure"),
+    Setting("hedge_after_ms", "HEDGE_AFTER_MS", parse_hedge_after,
+            "Hedge an attempt with no answer after N ms ('adaptive': p95; 0: off)"),
+    Setting("hedge_max", "HEDGE_MAX", _int(1), "Hedges per attempt (HEDGE_AFTER_MS)"),
     Setting("breaker_threshold", "CIRCUIT_BREAKER_THRESHOLD", _int(0),
             "Consecutive failures that open a node's breaker (0 = off)"),
     Setting("breaker_ttl", "CIRCUIT_BREAKER_TTL_SECS", _seconds, "How long a breaker stays open"),
@@ -512,6 +516,8 @@ class Settings:
     attempt_timeout: float = 60.0
     stream_idle_timeout: float = 120.0
     max_retries: int = 2
+    hedge_after_ms: HedgeAfter = None
+    hedge_max: int = 1
     breaker_threshold: int = 3
     breaker_ttl: float = 30.0
     default_maxconn: int = 0
