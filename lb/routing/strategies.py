@@ -330,6 +330,7 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
         # LiteLLM's counts tokens/requests against each deployment's tpm/rpm; lb has no such
         # limits per node yet, so the closest is the least loaded.
         "USAGE_BASED_ROUTING": Strategy.LEAST_LOADED,
+        "USAGE_BASED_ROUTING_V2": Strategy.LEAST_LOADED,
     }
 )
 
