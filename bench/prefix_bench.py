@@ -62,6 +62,7 @@ from proxy_bench import (
     terminate_on_sigterm,
 )
 
+BENCH_DIR = Path(__file__).resolve().parent
 MODEL = "bench-model"
 ANSWER = "Here is a considered answer that the client keeps in the history. " * 5
 WORDS = [
@@ -131,7 +132,10 @@ async def play(
                             if first is None:
                                 first = time.perf_counter()
                         ok = answer.status_code == 200
-                except httpx.HTTPError:
+                        if not ok:
+                            log(f"    HTTP {answer.status_code}")
+                except httpx.HTTPError as exc:
+                    log(f"    request failed: {exc!r}")
                     ok = False
                 if not ok or first is None:
                     errors += 1
@@ -176,8 +180,8 @@ def phase(
     )
     ratio = hits / max(hits + misses, 1)
     log(f"  {name}: {len(result['ttft'])} ok, {result['errors']} errors, "
-        f"{result['wall']:.1f}s, TTFT p50 {pct(result['ttft'], 50) * 1000:.0f} ms "
-        f"p95 {pct(result['ttft'], 95) * 1000:.0f} ms, hit ratio {ratio:.2f}")
+        f"{result['wall']:.1f}s, TTFT p50 {pct(result['ttft'], 0.5) * 1000:.0f} ms "
+        f"p95 {pct(result['ttft'], 0.95) * 1000:.0f} ms, hit ratio {ratio:.2f}")
     return result
 
 
@@ -193,8 +197,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "requests": requests,
         "errors": sum(r["errors"] for r in runs),
-        "ttft_ms": {"p50": pct(ttft, 50) * 1000, "p95": pct(ttft, 95) * 1000},
-        "latency_ms": {"p50": pct(latency, 50) * 1000, "p95": pct(latency, 95) * 1000},
+        "ttft_ms": {"p50": pct(ttft, 0.5) * 1000, "p95": pct(ttft, 0.95) * 1000},
+        "latency_ms": {"p50": pct(latency, 0.5) * 1000, "p95": pct(latency, 0.95) * 1000},
         "throughput_rps": requests / wall if wall else 0.0,
         "hit_ratio": hits / (hits + misses) if hits + misses else 0.0,
         "busiest_node_share": max(per_node) / sum(per_node) if sum(per_node) else 0.0,
@@ -257,10 +261,12 @@ def main() -> int:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {"shared": {}, "skewed": {}}
     with terminate_on_sigterm():
         try:
+            # The lb of this tree, whatever the interpreter has installed.
+            tree = [f"PYTHONPATH={BENCH_DIR.parent}"]
             mocks = []
             for i in range(4):
                 port = free_port()
-                mocks.append(Proc(f"mock{i}", [*lb_command(), "mock", "--port", str(port),
+                mocks.append(Proc(f"mock{i}", ["env", *tree, *lb_command(), "mock", "--port", str(port),
                                                "--name", f"m{i}", *mock_args], port, logdir))
             procs.extend(mocks)
             for mock in mocks:
@@ -269,7 +275,7 @@ def main() -> int:
 
             def lb(name: str, *env: str) -> Proc:
                 port = free_port()
-                argv = ["env", *env, *lb_command(), "serve", "--host", HOST, "--port", str(port),
+                argv = ["env", *tree, *env, *lb_command(), "serve", "--host", HOST, "--port", str(port),
                         "--log-level", "warning", *nodes]
                 return Proc(name, argv, port, logdir)
 
