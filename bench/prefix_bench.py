@@ -266,8 +266,9 @@ def main() -> int:
             mocks = []
             for i in range(4):
                 port = free_port()
-                mocks.append(Proc(f"mock{i}", ["env", *tree, *lb_command(), "mock", "--port", str(port),
-                                               "--name", f"m{i}", *mock_args], port, logdir))
+                argv = ["env", *tree, *lb_command(), "mock", "--port", str(port),
+                        "--name", f"m{i}", *mock_args]
+                mocks.append(Proc(f"mock{i}", argv, port, logdir))
             procs.extend(mocks)
             for mock in mocks:
                 mock.start()
@@ -275,8 +276,8 @@ def main() -> int:
 
             def lb(name: str, *env: str) -> Proc:
                 port = free_port()
-                argv = ["env", *tree, *env, *lb_command(), "serve", "--host", HOST, "--port", str(port),
-                        "--log-level", "warning", *nodes]
+                argv = ["env", *tree, *env, *lb_command(), "serve", "--host", HOST,
+                        "--port", str(port), "--log-level", "warning", *nodes]
                 return Proc(name, argv, port, logdir)
 
             bounded = lb("lb", "QUEUE_TIMEOUT_SECS=30")
