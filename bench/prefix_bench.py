@@ -26,7 +26,7 @@ Per strategy: p50/p95 TTFT (client side: from sending the request to the first b
 stream's body), p50/p95 whole-request latency, throughput (requests/s over the phase's
 wall time), the nodes' prefix-cache hit ratio (bytes) and the busiest node's share.
 
-    python bench/prefix_bench.py                # the full run (about 5 minutes on 2 cores)
+    python bench/prefix_bench.py                # the full run (about 8 minutes on 2 cores)
     python bench/prefix_bench.py --quick        # a smoke run (under a minute)
 
 Results go to bench/results/prefix-routing-YYYY-MM-DD.{md,json} (--out DIR to change).
@@ -223,6 +223,37 @@ def table(title: str, rows: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def start_cluster(
+    logdir: Path, mock_args: list[str], procs: list[Proc]
+) -> tuple[list[Proc], Proc, Proc]:
+    """4 mocks, the lb with the default load bound and one without; all appended to `procs`."""
+    tree = [f"PYTHONPATH={BENCH_DIR.parent}"]  # this tree's lb, whatever is installed
+    mocks = []
+    for i in range(4):
+        port = free_port()
+        argv = ["env", *tree, *lb_command(), "mock", "--port", str(port),
+                "--name", f"m{i}", *mock_args]
+        mocks.append(Proc(f"mock{i}", argv, port, logdir))
+    procs.extend(mocks)
+    for mock in mocks:
+        mock.start()
+    nodes = [a for m in mocks for a in ("--node", f"{HOST}:{m.port}")]
+
+    def lb(name: str, *env: str) -> Proc:
+        port = free_port()
+        argv = ["env", *tree, *env, *lb_command(), "serve", "--host", HOST,
+                "--port", str(port), "--log-level", "warning", *nodes]
+        return Proc(name, argv, port, logdir)
+
+    bounded = lb("lb", "QUEUE_TIMEOUT_SECS=30")
+    unbounded = lb("lb-unbounded", "QUEUE_TIMEOUT_SECS=30", "PREFIX_AWARE_BALANCE=1000")
+    procs.extend([bounded, unbounded])
+    bounded.start()
+    unbounded.start()
+    time.sleep(1.0)  # the first scan round
+    return mocks, bounded, unbounded
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, one round")
@@ -236,6 +267,9 @@ def main() -> int:
     parser.add_argument("--cache-entries", type=int, default=400)
     parser.add_argument("--prefill-ms-per-kb", type=float, default=20.0)
     parser.add_argument("--ttft-per-inflight-ms", type=float, default=8.0)
+    parser.add_argument("--steep-ttft-per-inflight-ms", type=float, default=40.0,
+                        help="the skewed workload again, on nodes that slow down this much "
+                        "per request in flight (0: skip)")
     parser.add_argument("--ttft-ms", type=float, default=10.0)
     parser.add_argument("--itl-ms", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -244,71 +278,65 @@ def main() -> int:
         args.rounds, args.users, args.turns = 1, 32, 3
     raise_fd_limit()
     logdir = Path(tempfile.mkdtemp(prefix="prefix-bench-"))
-    mock_args = [
-        "--model", MODEL, "--tokens", "16", "--ttft-ms", str(args.ttft_ms),
-        "--itl-ms", str(args.itl_ms), "--prefix-cache",
-        "--prefill-ms-per-kb", str(args.prefill_ms_per_kb),
-        "--cache-entries", str(args.cache_entries),
-        "--ttft-per-inflight-ms", str(args.ttft_per_inflight_ms),
-    ]
-    procs: list[Proc] = []
+
+    def mock_args(per_inflight: float) -> list[str]:
+        return [
+            "--model", MODEL, "--tokens", "16", "--ttft-ms", str(args.ttft_ms),
+            "--itl-ms", str(args.itl_ms), "--prefix-cache",
+            "--prefill-ms-per-kb", str(args.prefill_ms_per_kb),
+            "--cache-entries", str(args.cache_entries),
+            "--ttft-per-inflight-ms", str(per_inflight),
+        ]
+
+    # (section, workload, users on the hot prompt, ms per request in flight)
+    sections = [("Shared prefixes", "shared", 0.0, args.ttft_per_inflight_ms),
+                ("Skewed: one hot prefix", "skewed", args.hot, args.ttft_per_inflight_ms)]
+    if args.steep_ttft_per_inflight_ms > 0:
+        sections.append((
+            f"Skewed, on nodes that slow down {args.steep_ttft_per_inflight_ms:g} ms per "
+            "request in flight", "skewed", args.hot, args.steep_ttft_per_inflight_ms,
+        ))
     meta: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "git": git_rev(), "machine": machine(),
         "command": "python bench/prefix_bench.py " + shlex.join(sys.argv[1:]),
-        "args": vars(args) | {"out": str(args.out)}, "mock_args": mock_args,
+        "args": vars(args) | {"out": str(args.out)},
+        "mock_args": {str(per): mock_args(per) for *_, per in sections},
         "loadavg_before": loadavg(),
     }
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {"shared": {}, "skewed": {}}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {title: {} for title, *_ in sections}
     with terminate_on_sigterm():
-        try:
-            # The lb of this tree, whatever the interpreter has installed.
-            tree = [f"PYTHONPATH={BENCH_DIR.parent}"]
-            mocks = []
-            for i in range(4):
-                port = free_port()
-                argv = ["env", *tree, *lb_command(), "mock", "--port", str(port),
-                        "--name", f"m{i}", *mock_args]
-                mocks.append(Proc(f"mock{i}", argv, port, logdir))
-            procs.extend(mocks)
-            for mock in mocks:
-                mock.start()
-            nodes = [a for m in mocks for a in ("--node", f"{HOST}:{m.port}")]
-
-            def lb(name: str, *env: str) -> Proc:
-                port = free_port()
-                argv = ["env", *tree, *env, *lb_command(), "serve", "--host", HOST,
-                        "--port", str(port), "--log-level", "warning", *nodes]
-                return Proc(name, argv, port, logdir)
-
-            bounded = lb("lb", "QUEUE_TIMEOUT_SECS=30")
-            unbounded = lb("lb-unbounded", "QUEUE_TIMEOUT_SECS=30", "PREFIX_AWARE_BALANCE=1000")
-            procs.extend([bounded, unbounded])
-            bounded.start()
-            unbounded.start()
-            time.sleep(1.0)  # the first scan round
-            shared_rows = [("PREFIX_AWARE", bounded, "PREFIX_AWARE"),
-                           ("ROUND_ROBIN", bounded, "ROUND_ROBIN"),
-                           ("LEAST_LOADED", bounded, "LEAST_LOADED")]
-            skewed_rows = [("PREFIX_AWARE (bound ε=0.25)", bounded, "PREFIX_AWARE"),
-                           ("PREFIX_AWARE (no bound)", unbounded, "PREFIX_AWARE"),
-                           ("LEAST_LOADED", bounded, "LEAST_LOADED")]
-            for rnd in range(args.rounds):
-                for workload, rows, hot in (("shared", shared_rows, 0.0),
-                                            ("skewed", skewed_rows, args.hot)):
-                    k = rnd % len(rows)
-                    for name, proc, strategy in rows[k:] + rows[:k]:
-                        rng = random.Random(f"{workload}/{rnd}")  # the same chats per row
-                        chats = conversations(rng, f"{workload}/{rnd}/{name}", args.users,
-                                              args.turns, args.systems, args.system_kb, hot)
-                        log(f"round {rnd + 1} {workload}: {name}")
-                        run = phase(name, proc.port, strategy, mocks, chats, args.concurrency)
-                        results[workload].setdefault(name, []).append(run)
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
+        for per_inflight in sorted({per for *_, per in sections}):
+            procs: list[Proc] = []
+            try:
+                mocks, bounded, unbounded = start_cluster(logdir, mock_args(per_inflight), procs)
+                rows = {
+                    "shared": [("PREFIX_AWARE", bounded, "PREFIX_AWARE"),
+                               ("ROUND_ROBIN", bounded, "ROUND_ROBIN"),
+                               ("LEAST_LOADED", bounded, "LEAST_LOADED")],
+                    "skewed": [("PREFIX_AWARE (bound ε=0.25)", bounded, "PREFIX_AWARE"),
+                               ("PREFIX_AWARE (no bound)", unbounded, "PREFIX_AWARE"),
+                               ("LEAST_LOADED", bounded, "LEAST_LOADED")],
+                }
+                for rnd in range(args.rounds):
+                    for title, workload, hot, per in sections:
+                        if per != per_inflight:
+                            continue
+                        k = rnd % len(rows[workload])
+                        for name, proc, strategy in rows[workload][k:] + rows[workload][:k]:
+                            salt = f"{title}/{rnd}"
+                            rng = random.Random(salt)  # the same chats for every row
+                            chats = conversations(rng, f"{salt}/{name}", args.users,
+                                                  args.turns, args.systems, args.system_kb, hot)
+                            log(f"round {rnd + 1} {title}: {name}")
+                            run = phase(name, proc.port, strategy, mocks, chats,
+                                        args.concurrency)
+                            results[title].setdefault(name, []).append(run)
+            finally:
+                for proc in reversed(procs):
+                    proc.stop()
     meta["loadavg_after"] = loadavg()
-    summaries = {w: {name: summary(runs) for name, runs in rows.items()}
-                 for w, rows in results.items()}
+    summaries = {title: {name: summary(runs) for name, runs in rows.items()}
+                 for title, rows in results.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"prefix-routing-{meta['date']}"
     stem.with_suffix(".json").write_text(json.dumps(
@@ -319,26 +347,23 @@ def main() -> int:
     report = [
         f"# Prefix-aware routing — {meta['date']}", "",
         f"Command: `{meta['command']}` (git {meta['git']}); "
-        f"{meta['machine'].get('nproc', '?')} cores, load average before {meta['loadavg_before']}, "
-        f"after {meta['loadavg_after']}.", "",
-        f"Nodes: 4 x `lb mock {shlex.join(mock_args)}`; one `lb serve` (defaults, "
-        "`QUEUE_TIMEOUT_SECS=30`) choosing the strategy per request with `x-lb-strategy`, and one "
-        "with `PREFIX_AWARE_BALANCE=1000` (no load bound) for the skewed workload's middle row.",
+        f"{meta['machine'].get('nproc', '?')} cores, load average before "
+        f"{meta['loadavg_before']}, after {meta['loadavg_after']}.", "",
+        f"Nodes: 4 x `lb mock {shlex.join(mock_args(args.ttft_per_inflight_ms))}` (the last "
+        "section: the same with its own `--ttft-per-inflight-ms`); one `lb serve` (defaults, "
+        "`QUEUE_TIMEOUT_SECS=30`) choosing the strategy per request with `x-lb-strategy`, and "
+        "one with `PREFIX_AWARE_BALANCE=1000` (no load bound) for the skewed rows.",
         "",
         f"Workload: {args.users} users x {args.turns} turns (streams of 16 tokens), "
-        f"{args.systems} system prompts of {args.system_kb:g} KiB, {args.concurrency} users at a "
-        f"time; skewed: {args.hot:.0%} of the users on one system prompt. {args.rounds} round(s), "
-        "the strategies in a rotated order each round, the nodes' caches emptied before each "
-        "phase; figures pooled over the rounds.", "",
-        *table("Shared prefixes", summaries["shared"]),
-        *table("Skewed: one hot prefix", summaries["skewed"]),
-        "Requests per node (shared): " + "; ".join(
-            f"{n}: {s['per_node']}" for n, s in summaries["shared"].items()),
-        "",
-        "Requests per node (skewed): " + "; ".join(
-            f"{n}: {s['per_node']}" for n, s in summaries["skewed"].items()),
-        "",
+        f"{args.systems} system prompts of {args.system_kb:g} KiB, {args.concurrency} users "
+        f"at a time; skewed: {args.hot:.0%} of the users on one system prompt. {args.rounds} "
+        "round(s), the strategies in a rotated order each round, the nodes' caches emptied "
+        "before each phase; figures pooled over the rounds.", "",
     ]
+    for title, rows in summaries.items():
+        report += table(title, rows)
+        report += ["Requests per node: " + "; ".join(
+            f"{n}: {s['per_node']}" for n, s in rows.items()), ""]
     stem.with_suffix(".md").write_text("\n".join(report))
     print("\n".join(report))
     return 0
