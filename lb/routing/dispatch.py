@@ -196,8 +196,7 @@ class Dispatcher:
         return next(self._counter), self._rng
 
     def split_for(
-        self, weights: Mapping[str, float], nodes: Sequence[Node], session: str | None,
-        u: float | None = None,
+        self, weights: Mapping[str, float], nodes: Sequence[Node], session: str | None
     ) -> split.Split | None:
         """The blue/green split of this request over ``nodes`` (None when none carries the
         label): drawn from the RNG, or from the session so it keeps to one group."""
@@ -206,8 +205,7 @@ class Dispatcher:
                   if label in node.config.labels}
         if not groups:
             return None
-        if u is None:
-            u = split.session_unit(session) if session else self._rng.random()
+        u = split.session_unit(session) if session else self._rng.random()
         return split.Split(groups, weights, u)
 
     def _prefix_hint(
