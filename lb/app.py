@@ -98,7 +98,7 @@ async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
 
 def build_registry(settings: Settings) -> Registry:
     return Registry(
-        (Node.from_settings(config, settings) for config in settings.nodes),
+        (Node.from_settings(config, settings) for config in settings.all_nodes()),
         prefs=Prefs(
             preferred_models=settings.preferred_models, traffic_split=settings.traffic_split
         ),
@@ -165,6 +165,7 @@ def build_router(
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
         admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
+        aliases=settings.aliases, alias_only=settings.alias_only,
     )
     dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     debug.add_routes(

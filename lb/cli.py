@@ -51,6 +51,15 @@ def serve(
     except ConfigError as exc:
         _fail(str(exc))
     configure_logging(settings.log_level, settings.log_format)
+    if settings.catalogue is not None:
+        from lb.catalogue import log_warnings
+
+        log_warnings(settings.catalogue)
+        if settings.catalogue.master_key:  # until lb checks client keys (the policy issue)
+            _fail(
+                "general_settings.master_key is set, but lb does not check client keys yet: "
+                "refusing to serve without the authentication the file asks for"
+            )
     from lb.app import serve as run_server
 
     try:

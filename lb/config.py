@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -18,6 +18,9 @@ import yaml
 
 from lb.routing.split import parse_weights
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
+
+if TYPE_CHECKING:
+    from lb.catalogue import Catalogue
 
 
 class ConfigError(ValueError):
@@ -30,12 +33,28 @@ class NodeConfig:
     maxconn: int | None = None  # None: DEFAULT_MAXCONN / MAXCONN_MAP decide
     weight: float = 1.0
     labels: Mapping[str, str] = attrs.field(factory=dict)
-    # host:port, the name a node goes by in headers, MAXCONN_MAP and `?node=`; computed once
-    # because the request path reads it several times.
+    # How lb speaks to it: "openai" (bytes through untouched), "anthropic" or "ollama".
+    dialect: str = "openai"
+    api_key: str = attrs.field(default="", repr=False)  # lb's credential for the node
+    # Send the client's own Authorization header on (off: a client's key is lb's business).
+    forward_auth: bool = False
+    # A fixed model list (cloud providers, catalogue deployments): never probed, healthy until
+    # its breaker says otherwise. Empty: the scanner asks the node.
+    models: tuple[str, ...] = ()
+    # The node's own name for a model clients know by another (a catalogue handle).
+    model_map: Mapping[str, str] = attrs.field(factory=dict)
+    name: str = ""  # overrides host:port as the key (two deployments on one host)
+    # Request fields the deployment sets when the client did not (a catalogue's litellm_params).
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    max_input_tokens: int | None = None  # the largest prompt it takes (None: unknown)
+    # host:port (or `name`), the name a node goes by in headers, MAXCONN_MAP and `?node=`;
+    # computed once because the request path reads it several times.
     key: str = attrs.field(init=False, eq=False, repr=False)
 
     @key.default
     def _key(self) -> str:
+        if self.name:
+            return self.name
         parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port}"
 
@@ -200,9 +219,15 @@ def node_url(value: Any) -> str:
     return f"{parts.scheme}://{host}:{port}{path}"
 
 
+DIALECTS = ("openai", "anthropic", "ollama")
+_NODE_FIELDS = {
+    "url", "maxconn", "weight", "labels", "dialect", "api_key", "forward_auth", "models",
+}
+
+
 def _node(value: Any) -> NodeConfig:
     if isinstance(value, Mapping):
-        unknown = set(value) - {"url", "maxconn", "weight", "labels"}
+        unknown = set(value) - _NODE_FIELDS
         if unknown:
             raise ValueError(f"unknown node field {sorted(unknown)[0]!r}")
         if "url" not in value:
@@ -214,11 +239,18 @@ def _node(value: Any) -> NodeConfig:
         labels = value.get("labels") or {}
         if not isinstance(labels, Mapping):
             raise ValueError("node labels must be a mapping")
+        dialect = _text(value.get("dialect", "openai")).lower()
+        if dialect not in DIALECTS:
+            raise ValueError(f"node dialect must be one of {', '.join(DIALECTS)}")
         return NodeConfig(
             url=node_url(value["url"]),
             maxconn=None if maxconn is None else _int(0)(maxconn),
             weight=weight,
             labels={str(k): str(v) for k, v in labels.items()},
+            dialect=dialect,
+            api_key=_text(value.get("api_key", "")),
+            forward_auth=_bool(value.get("forward_auth", False)),
+            models=_names(value.get("models") or ()),
         )
     return NodeConfig(url=node_url(value))
 
@@ -226,10 +258,7 @@ def _node(value: Any) -> NodeConfig:
 def _nodes(value: Any) -> tuple[NodeConfig, ...]:
     items = value if isinstance(value, list | tuple) else _names(value)
     nodes = tuple(_node(item) for item in items)
-    keys = [node.key for node in nodes]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise ValueError(f"node {duplicates[0]} is listed twice")
+    _check_unique(nodes)
     return nodes
 
 
@@ -249,6 +278,64 @@ def _maxconn_map(value: Any) -> Mapping[str, int]:
         if ":" not in key:
             raise ValueError(f"expected host:port=N, got {key!r}")
         result[key] = _int(0)(number)
+    return result
+
+
+def resolve_aliases(pairs: Mapping[str, str]) -> dict[str, str]:
+    """alias -> target, with chains (`main` -> `big` -> `qwen3-32b`) followed to their end;
+    ValueError on a cycle."""
+    result = {}
+    for alias in pairs:
+        seen = [alias]
+        target = pairs[alias]
+        while target in pairs:
+            if target in seen:
+                raise ValueError(f"aliases form a cycle: {' -> '.join([*seen, target])}")
+            seen.append(target)
+            target = pairs[target]
+        result[alias] = target
+    return result
+
+
+def _aliases(value: Any) -> Mapping[str, str]:
+    """`main=qwen3-32b,fast=qwen3-8b` (or a YAML mapping) -> {alias: model}."""
+    if isinstance(value, Mapping):
+        pairs = {_text(k): _text(v) for k, v in value.items()}
+    else:
+        pairs = {}
+        for item in _names(value):
+            alias, sep, target = item.partition("=")
+            if not sep or not alias.strip() or not target.strip():
+                raise ValueError(f"expected alias=model, got {item!r}")
+            pairs[alias.strip()] = target.strip()
+    if any(not alias or not target for alias, target in pairs.items()):
+        raise ValueError("an alias and its model must be non-empty")
+    return resolve_aliases(pairs)
+
+
+def _fallbacks(value: Any) -> Mapping[str, tuple[str, ...]]:
+    """`a=b|c,d=e` (or a YAML mapping of lists, or LiteLLM's list of one-key mappings) ->
+    {model: (fallback models, in order)}."""
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if not isinstance(item, Mapping):
+                raise ValueError("expected a list of {model: [fallback, ...]} mappings")
+            pairs += list(item.items())
+    else:
+        for item in _names(value):
+            model, sep, rest = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected model=fallback|fallback, got {item!r}")
+            pairs.append((model, rest.split("|")))
+    result: dict[str, tuple[str, ...]] = {}
+    for model, targets in pairs:
+        names = _names(targets)
+        if not _text(model) or not names:
+            raise ValueError("a fallback needs a model and at least one model to fall back to")
+        result[_text(model)] = tuple(name for name in names if name != _text(model))
     return result
 
 
@@ -360,6 +447,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_sentinels", "MODEL_SENTINELS", _names, "Model names that mean 'pick one'"),
     Setting("lm_model", "LM_MODEL", _text, "One more sentinel"),
     Setting("preferred_models", "PREFERRED_MODELS", _names, "Priority list for sentinels"),
+    Setting("aliases", "MODEL_ALIASES", _aliases,
+            "Stable handles for models: alias=model,... (an alias may name another)"),
+    Setting("alias_only", "LB_ALIAS_ONLY", _bool, "GET /v1/models lists the aliases only"),
+    Setting("fallbacks", "MODEL_FALLBACKS", _fallbacks,
+            "Models to try when a model's nodes all fail: model=other|another,..."),
     Setting("scan_hosts", "SCAN_HOSTS", _scan_hosts,
             "Hosts to discover nodes on: host or host:port, comma separated"),
     Setting("scan_ports", "SCAN_PORTS", _ports, "Ports tried on each SCAN_HOSTS host"),
@@ -386,6 +478,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("litellm_metrics", "LB_LITELLM_METRICS", _bool,
             "Also expose the counts under LiteLLM proxy's metric names"),
     Setting("demo", None, _bool, "Start two mock nodes in the same process"),
+    # Cloud providers and Ollama's native API, as the AILB guide names them.
+    Setting("openai_api_key", "OPENAI_API_KEY", _text,
+            "OpenAI's API key: adds OpenAI as a node (empty: no OpenAI node)"),
+    Setting("openai_base_url", "OPENAI_BASE_URL", _text, "OpenAI's base URL"),
+    Setting("openai_models", "OPENAI_MODELS", _names, "Models served through OpenAI"),
+    Setting("anthropic_api_key", "ANTHROPIC_API_KEY", _text,
+            "Anthropic's API key: adds Anthropic as a node (empty: no Anthropic node)"),
+    Setting("anthropic_base_url", "ANTHROPIC_BASE_URL", _text, "Anthropic's base URL"),
+    Setting("anthropic_models", "ANTHROPIC_MODELS", _names, "Models served through Anthropic"),
+    Setting("anthropic_max_tokens", "ANTHROPIC_MAX_TOKENS", _int(1),
+            "max_tokens sent to Anthropic when the client sent none (Anthropic requires one)"),
+    Setting("ollama_base_url", "OLLAMA_BASE_URL", _text,
+            "An Ollama server spoken to in its native API (/api/chat)"),
+    Setting("drop_params", "LB_DROP_PARAMS", _bool,
+            "Drop parameters a translated provider does not accept (off: pass them on)"),
 )
 
 
@@ -427,6 +534,9 @@ class Settings:
     model_sentinels: tuple[str, ...] = ("auto", "default")
     lm_model: str = ""
     preferred_models: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = attrs.field(factory=dict)
+    alias_only: bool = False
+    fallbacks: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     scan_hosts: tuple[str, ...] = ()
     scan_ports: tuple[int, ...] = DEFAULT_SCAN_PORTS
     scan_interval: float = 10.0
@@ -445,6 +555,18 @@ class Settings:
     metrics_key: str = ""
     litellm_metrics: bool = True
     demo: bool = False
+    openai_api_key: str = attrs.field(default="", repr=False)
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_models: tuple[str, ...] = ("gpt-4", "gpt-3.5-turbo")
+    anthropic_api_key: str = attrs.field(default="", repr=False)
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_models: tuple[str, ...] = ("claude-3-opus-20240229", "claude-3-sonnet-20240229")
+    anthropic_max_tokens: int = 4096
+    ollama_base_url: str = ""
+    drop_params: bool = True
+    # The model catalogue (a LiteLLM `model_list` & co. in the config file); not a setting of
+    # its own: read from the file only, see `lb.catalogue`.
+    catalogue: Catalogue | None = None
 
     @property
     def redis_address(self) -> str | None:
@@ -461,6 +583,33 @@ class Settings:
         if self.lm_model:
             names.add(self.lm_model.lower())
         return frozenset(names)
+
+    def provider_nodes(self) -> tuple[NodeConfig, ...]:
+        """The nodes the provider settings describe (OPENAI_API_KEY, ANTHROPIC_API_KEY,
+        OLLAMA_BASE_URL)."""
+        nodes = []
+        if self.openai_api_key:
+            nodes.append(NodeConfig(
+                url=node_url(self.openai_base_url), api_key=self.openai_api_key,
+                models=self.openai_models,
+            ))
+        if self.anthropic_api_key:
+            nodes.append(NodeConfig(
+                url=node_url(self.anthropic_base_url), dialect="anthropic",
+                api_key=self.anthropic_api_key, models=self.anthropic_models,
+            ))
+        if self.ollama_base_url:
+            nodes.append(NodeConfig(url=node_url(self.ollama_base_url), dialect="ollama"))
+        return tuple(nodes)
+
+    def all_nodes(self) -> tuple[NodeConfig, ...]:
+        """Configured nodes, the providers', then the catalogue's deployments."""
+        nodes = self.nodes + self.provider_nodes()
+        if self.catalogue is not None:
+            from lb.catalogue import node_configs
+
+            nodes += node_configs(self.catalogue, taken={node.key for node in nodes})
+        return nodes
 
     def maxconn_for(self, node: NodeConfig) -> int:
         if node.maxconn is not None:
@@ -501,16 +650,68 @@ def load_settings(
 ) -> Settings:
     """Defaults <- YAML <- environment <- flags; flags that are None are not given."""
     values: dict[str, Any] = {}
+    env = env or {}
+    catalogue = None
     if config_file:
-        for key, value in read_yaml(config_file).items():
+        doc = read_yaml(config_file)
+        catalogue = _catalogue(doc, env, config_file)
+        if catalogue is not None:
+            # LiteLLM's router settings sit under lb's own keys; its environment_variables
+            # under the real environment.
+            values.update(catalogue.settings, catalogue=catalogue)
+            env = {**catalogue.environment, **env}
+        for key, value in doc.items():
             setting = _BY_NAME.get(str(key))
             if setting is None:
+                if catalogue is not None:
+                    continue  # the catalogue's, or warned by it
                 raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
             values[setting.name] = _parse(setting, value, f"config file {config_file}")
     for setting in SETTINGS:
-        if env and setting.env and env.get(setting.env) not in (None, ""):
+        if setting.env and env.get(setting.env) not in (None, ""):
             values[setting.name] = _parse(setting, env[setting.env], "environment")
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _parse(_BY_NAME[name], value, "flag")
-    return Settings(**values)
+    if catalogue is not None:
+        _layer_catalogue(values, catalogue, env)
+    settings = Settings(**values)
+    try:
+        _check_unique(settings.all_nodes())
+    except ValueError as exc:
+        raise ConfigError(f"nodes: {exc}") from None
+    return settings
+
+
+def _layer_catalogue(values: dict[str, Any], catalogue: Catalogue, env: Mapping[str, str]) -> None:
+    """The catalogue's aliases, fallbacks and switches, under what the file's own keys, the
+    environment and flags said."""
+    try:
+        values["aliases"] = resolve_aliases({**catalogue.aliases, **values.get("aliases", {})})
+    except ValueError as exc:
+        raise ConfigError(f"aliases: {exc}") from None
+    values["fallbacks"] = {**catalogue.fallbacks, **values.get("fallbacks", {})}
+    values.setdefault("alias_only", catalogue.alias_only)
+    if "drop_params" not in values:  # LiteLLM's default: pass unknown fields on
+        values["drop_params"] = catalogue.drop_params
+
+
+def _check_unique(nodes: tuple[NodeConfig, ...]) -> None:
+    keys = [node.key for node in nodes]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"node {duplicates[0]} is listed twice")
+
+
+def _catalogue(
+    doc: Mapping[str, Any], env: Mapping[str, str], path: str | Path
+) -> Catalogue | None:
+    """The file's model catalogue (LiteLLM's sections, lb's `aliases`), or None if it has none."""
+    from lb.catalogue import is_catalogue, parse_catalogue
+
+    if not is_catalogue(doc):
+        return None
+    try:
+        return parse_catalogue(doc, env, own_keys=_BY_NAME)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None

@@ -83,13 +83,27 @@ async def start_mock_on(nursery: trio.Nursery, port: int, **options: Any) -> Run
     return RunningMock(bound, scope, node=node)
 
 
-async def start_lb(nursery: trio.Nursery, nodes: list[Running], **options: Any) -> Running:
+async def start_lb(
+    nursery: trio.Nursery, nodes: list[Running], *, configs: tuple[NodeConfig, ...] = (),
+    **options: Any,
+) -> Running:
+    """lb in front of `nodes` (plain URLs) and `configs` (nodes with more settings)."""
     settings = Settings(
         host="127.0.0.1",
         port=0,
-        nodes=tuple(NodeConfig(node.url) for node in nodes),
+        nodes=(*(NodeConfig(node.url) for node in nodes), *configs),
         **options,
     )
+    port, scope = await _start(
+        nursery,
+        lambda task_status: serve(settings, handle_signals=False, task_status=task_status),
+    )
+    return Running(port, scope)
+
+
+async def start_lb_with(nursery: trio.Nursery, settings: Settings) -> Running:
+    """lb with exactly these settings (listening on 127.0.0.1, a free port)."""
+    settings = attrs.evolve(settings, host="127.0.0.1", port=0)
     port, scope = await _start(
         nursery,
         lambda task_status: serve(settings, handle_signals=False, task_status=task_status),

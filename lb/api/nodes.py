@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -37,6 +37,10 @@ def _model_entry(model: str, registry: Registry) -> dict[str, object]:
     }
 
 
+def _alias_entry(alias: str, target: str, registry: Registry) -> dict[str, object]:
+    return {**_model_entry(target, registry), "id": alias, "alias_of": target}
+
+
 def _gone_entry(model: str, since: float, now: float, grace: float) -> dict[str, object]:
     """A model no healthy node serves right now, still listed for `grace` seconds."""
     return {
@@ -59,8 +63,11 @@ def add_routes(
     admin_key: str = "",
     model_grace: float = 600.0,
     counters: NodeCounters | None = None,
+    aliases: Mapping[str, str] | None = None,
+    alias_only: bool = False,
 ) -> None:
     counted = counters or NodeCounters()
+    aliases = aliases or {}
 
     def describe(node: Node, now: float) -> dict[str, object]:
         key = node.key
@@ -78,12 +85,22 @@ def add_routes(
         }
 
     async def list_models(request: Request) -> Response:
-        data = [_model_entry(model, registry) for model in registry.models()]
-        data += sorted(gone().values(), key=lambda entry: str(entry["id"]))
+        data = [] if alias_only else [
+            _model_entry(m, registry) for m in registry.models() if "*" not in m  # no patterns
+        ]
+        # An alias is listed while its model is served: a handle that leads nowhere is a 404.
+        data += [
+            _alias_entry(alias, target, registry) for alias, target in aliases.items()
+            if registry.serving(target)
+        ]
+        if not alias_only:
+            data += sorted(gone().values(), key=lambda entry: str(entry["id"]))
         return Response.json({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
         model = request.path_params["model"]
+        if model in aliases and registry.serving(aliases[model]):
+            return Response.json(_alias_entry(model, aliases[model], registry))
         if registry.serving(model):
             return Response.json(_model_entry(model, registry))
         entry = gone().get(model)

@@ -35,8 +35,11 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
 }
 # Not sent on to the node: one hop's headers; lb says the body's type itself (it parsed it as
 # JSON); compressed answers could not be spliced; lb sends its own x-request-id; a browser's
-# cookies for lb's origin are none of a node's business.
-_NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id", b"cookie"}
+# cookies for lb's origin are none of a node's business, and neither is the client's key for
+# lb (a node gets lb's credential, or the client's only when configured to: `forward_auth`).
+_NOT_TO_NODE = HOP_BY_HOP | {
+    b"accept-encoding", b"content-type", b"x-request-id", b"cookie", b"authorization",
+}
 _JSON = (b"content-type", b"application/json")
 CLIENT_CLOSED = 499  # the status nginx logs for a client that left before its answer
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -127,6 +130,7 @@ def route_request(
         prefer_small=request.header(b"x-prefer-small") in (b"1", b"true"),
         strategy=strategy,
         headers=node_headers(request),
+        authorization=request.header(b"authorization"),
     )
 
 

@@ -9,8 +9,11 @@ import trio
 
 from lb.cluster.breaker import CircuitBreaker
 from lb.config import NodeConfig, Settings
+from lb.http.types import Headers
 from lb.upstream.base import Upstream
 from lb.upstream.client import ConnectionPool
+from lb.upstream.dialects import Dialect, dialect_for
+from lb.upstream.dialects.openai import OPENAI
 
 
 def _limiter_size(capacity: int) -> float:
@@ -33,19 +36,34 @@ class Node:
     maxconn: int = 0  # the configured fleet-wide cap (0 = none); the limiter holds our share
     busy_until: float = 0.0  # it answered 429 with Retry-After: not asked again before this
     last_answer: float = -math.inf  # when it last answered a request well (passive health)
+    dialect: Dialect = OPENAI
+    # lb's credential for the node, sent with every request (empty for most local nodes).
+    auth_headers: Headers = attrs.field(factory=list)
+    # A request needs more than the client's bytes and headers: a translated dialect, the
+    # node's own model names or a credential. False on the fast path.
+    rewrites: bool = False
 
     @classmethod
     def create(
         cls, config: NodeConfig, *, capacity: int, breaker_threshold: int, breaker_ttl: float,
-        upstream: Upstream | None = None,
+        upstream: Upstream | None = None, dialect: Dialect = OPENAI,
     ) -> Node:
-        return cls(
+        node = cls(
             config=config,
             limiter=trio.CapacityLimiter(_limiter_size(capacity)),
             breaker=CircuitBreaker(threshold=breaker_threshold, ttl=breaker_ttl),
             upstream=upstream or ConnectionPool(config.url),
             maxconn=capacity,
+            dialect=dialect,
+            auth_headers=dialect.auth(config.api_key) if config.api_key else [],
         )
+        node.rewrites = (
+            not dialect.passthrough or bool(config.model_map) or bool(node.auth_headers)
+            or config.forward_auth or bool(config.params)
+        )
+        if config.models:  # a fixed list: serving from the start, never probed
+            node.models, node.healthy = config.models, True
+        return node
 
     @classmethod
     def from_settings(cls, config: NodeConfig, settings: Settings) -> Node:
@@ -55,6 +73,10 @@ class Node:
             capacity=settings.maxconn_for(config),
             breaker_threshold=settings.breaker_threshold,
             breaker_ttl=settings.breaker_ttl,
+            dialect=dialect_for(
+                config.dialect, default_max_tokens=settings.anthropic_max_tokens,
+                drop_params=settings.drop_params,
+            ),
         )
 
     @property
@@ -105,4 +127,5 @@ class Node:
             "draining": self.draining,
             "probe_failures": self.probe_failures,
             "api": self.api,
+            "dialect": self.dialect.name,
         }

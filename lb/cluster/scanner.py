@@ -103,7 +103,7 @@ def scan_hosts_for(settings: Settings) -> tuple[str, ...]:
 def targets_for(settings: Settings, listen_port: int) -> list[str]:
     """The scan targets of `lb serve` listening on `listen_port`; configured nodes excluded
     (they are probed anyway)."""
-    configured = {node.key for node in settings.nodes}
+    configured = {node.key for node in settings.all_nodes()}
     targets = scan_targets(
         scan_hosts_for(settings), settings.scan_ports, own_addresses(settings.host, listen_port)
     )
@@ -337,6 +337,7 @@ def node_table(registry: Registry) -> list[dict[str, Any]]:
             "api": node.api, "last_error": node.last_error, "discovered": node.discovered,
         }
         for node in registry.nodes.values()
+        if not node.config.models  # fixed lists are every instance's own configuration
     ]
 
 
@@ -370,6 +371,8 @@ def load_table(
             node.discovered = True
             registry.add(node)
             log.info("node %s learnt from the scanning instance", key)
+        elif node.config.models:
+            continue
         node.probe_failures, node.api, node.last_error = failures, api, error
         registry.update(node, models=models, healthy=healthy)
 
@@ -391,7 +394,7 @@ class ScanState:
 
 def probe_urls(registry: Registry, targets: Iterable[str]) -> list[str]:
     """Every node's URL, then the scan targets that are not nodes yet."""
-    urls = [node.url for node in registry.nodes.values()]
+    urls = [node.url for node in registry.nodes.values() if not node.config.models]
     return urls + [url for url in targets if NodeConfig(url).key not in registry.nodes]
 
 

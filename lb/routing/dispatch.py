@@ -21,6 +21,7 @@ import math
 import random
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import orjson
@@ -50,6 +51,7 @@ from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
 from lb.routing import prefix, split, strategies
+from lb.routing.context import check_context, estimate_tokens
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind, resolve_model
@@ -62,6 +64,8 @@ from lb.upstream.client import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete, StreamTranslator
+from lb.upstream.dialects.openai import PATHS
 
 log = logging.getLogger("lb.dispatch")
 
@@ -73,13 +77,6 @@ CAPACITY_RETRY_AFTER = 1.0
 # must not take itself out for a day).
 MAX_RETRY_AFTER = 300.0
 
-# The OpenAI dialect's path for each kind of request (the Dialect seam takes this over).
-PATHS: dict[ModelKind, str] = {
-    "chat": "/v1/chat/completions",
-    "completion": "/v1/completions",
-    "embedding": "/v1/embeddings",
-}
-
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(
     {
@@ -89,6 +86,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _DONE_TAIL = re.compile(rb"data: *\[DONE\]\s*$")
+_SSE_HEAD = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
+_JSON_TYPE = (b"content-type", b"application/json")
 _JSON_START = re.compile(rb"\s*[\[{]")
 
 
@@ -96,16 +95,22 @@ _JSON_START = re.compile(rb"\s*[\[{]")
 class Plan:
     """What one proxied request will do."""
 
-    path: str
+    path: str  # for OpenAI-compatible nodes, as are body and headers
     body: bytes
     model: str
     stream: bool
+    kind: ModelKind
+    fields: Mapping[str, Any]  # the client's body, parsed: what other dialects encode
+    authorization: bytes | None  # the client's, for nodes that `forward_auth`
     candidates: tuple[Node, ...]  # in preference order
     deadline: float
     budget: float  # seconds from arrival to the deadline
     request_id: str
     headers: Headers  # to send to the node
     max_attempts: int
+    # Candidates from fallback groups -> the model they are asked for instead of `model`.
+    fallback: Mapping[str, str] = attrs.field(factory=dict)
+    matched: str | None = None  # the name a wildcard group (`model`) matched
 
 
 class Dispatcher:
@@ -124,6 +129,9 @@ class Dispatcher:
         # Figures for the strategies that need them: the tracker must be among the observers.
         self.latency = latency or LatencyTracker()
         self.sentinels = settings.sentinels
+        self.aliases = settings.aliases
+        self.fallbacks = settings.fallbacks
+        self.catalogue = settings.catalogue
         self._counter = itertools.count()
         self._rng = rng or random.Random()
         # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
@@ -132,15 +140,12 @@ class Dispatcher:
     def plan(self, intent: RouteRequest, trace: Trace | None = None) -> Plan:
         """Resolve the model and order the nodes that may take the request (no I/O); the
         resolved model goes into `trace` even when no node can take it."""
-        try:
-            model = resolve_model(
-                intent.model, self.registry.model_counts(), kind=intent.kind,
-                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
-                prefer_small=intent.prefer_small,
-            )
-        except ModelNotFound:
-            self._unavailable(intent)
-            raise
+        model, matched = self._model_for(intent)
+        estimate = None
+        catalogue = self.catalogue
+        if catalogue is not None and model in catalogue.limited:  # a known context window
+            estimate = estimate_tokens(intent.body, intent.kind)
+            model = check_context(catalogue, model, estimate)
         if trace is not None:
             trace.model = model
         raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
@@ -148,15 +153,23 @@ class Dispatcher:
         if intent.budget is not None:
             budget = min(budget, intent.budget)
         nodes = self.registry.serving(model)
+        if estimate is not None:  # only the deployments the prompt fits
+            nodes = [node for node in nodes if _fits(node, estimate)]
         if intent.node:
             nodes = [node for node in nodes if node.key == intent.node]
             if not nodes:
                 raise NodeNotFound(f"Node {intent.node} does not serve model {model} (or is down)")
         now = trio.current_time()
         open_nodes = [node for node in nodes if blocked(node, now) is None]
-        if not open_nodes:
-            raise _nobody_serves(model, nodes, now)
         strategy = intent.strategy or self.strategy
+        fallback: dict[str, str] = {}
+        extra: list[Node] = []
+        if self.fallbacks and not intent.node and self._fallback_groups(model):
+            extra, fallback = self._fallbacks(model, strategy, now, open_nodes)
+        if not open_nodes:
+            if not extra:
+                raise _nobody_serves(model, nodes, now)
+            return self._plan(intent, model, raw, budget, extra, fallback, matched)
         latency = prices = hint = None
         chain: tuple[bytes, ...] = ()
         # Figures, prices and prefixes only for the strategies that read them (the default does
@@ -178,17 +191,30 @@ class Dispatcher:
         if chain:
             # The chosen node owns the prefix now (moved when bounded load passed it over).
             self.prefixes.record(chain, candidates[0].key)
+        return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback, matched)
+
+    def _plan(
+        self, intent: RouteRequest, model: str, raw: bytes, budget: float,
+        candidates: Sequence[Node], fallback: dict[str, str], matched: str | None,
+    ) -> Plan:
+        retries = 0 if intent.node else self.settings.max_retries
         return Plan(
             path=PATHS[intent.kind],
             body=raw,
             model=model,
             stream=intent.stream,
+            kind=intent.kind,
+            fields=intent.body,
+            authorization=intent.authorization,
             candidates=tuple(candidates),
             deadline=intent.arrival + budget,
             budget=budget,
             request_id=intent.request_id,
             headers=intent.headers,
-            max_attempts=1 if intent.node else 1 + self.settings.max_retries,
+            # Each fallback group gets its own chance, whatever the retries spent before it.
+            max_attempts=1 + retries + len(self._fallback_groups(model)),
+            fallback=fallback,
+            matched=matched,
         )
 
     def draw(self) -> tuple[int, random.Random]:
@@ -208,6 +234,54 @@ class Dispatcher:
         u = split.session_unit(session) if session else self._rng.random()
         return split.Split(groups, weights, u)
 
+    def _model_for(self, intent: RouteRequest) -> tuple[str, str | None]:
+        """The model (or catalogue group) to route to, and the name a wildcard group (`mlx-*`)
+        matched, if that is how it was found."""
+        requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
+        try:
+            model = resolve_model(
+                requested, self.registry.model_counts(), kind=intent.kind,
+                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
+                prefer_small=intent.prefer_small,
+            )
+            return model, None
+        except ModelNotFound:
+            group = self.catalogue.group_for(requested) if self.catalogue else None
+            if group is not None and "*" in group and self.registry.serving(group):
+                return group, requested
+            if not self._fallback_groups(requested):
+                self._unavailable(intent, requested)
+                raise
+            return requested, None  # none of its nodes is up: its fallbacks may be
+
+    def _fallback_groups(self, model: str) -> tuple[str, ...]:
+        """`model`'s fallbacks; `*`: those of every model without its own."""
+        fallbacks = self.fallbacks
+        return fallbacks.get(model) or fallbacks.get("*", ()) if fallbacks else ()
+
+    def _fallbacks(
+        self, model: str, strategy: strategies.Strategy, now: float, primary: list[Node],
+    ) -> tuple[list[Node], dict[str, str]]:
+        """The nodes of `model`'s fallback groups, in order of the groups, each group ordered
+        by the strategy, after the model's own nodes; and the model each of them serves."""
+        taken = {node.key for node in primary}
+        extra: list[Node] = []
+        fallback: dict[str, str] = {}
+        for group in self._fallback_groups(model):
+            nodes = [
+                node for node in self.registry.serving(group)
+                if node.key not in taken and blocked(node, now) is None
+            ]
+            ordered = strategies.order(
+                strategy, nodes, counter=next(self._counter), rng=self._rng, session=None,
+                latency=None, prices=None, prefix=None,
+            )
+            for node in ordered:
+                taken.add(node.key)
+                fallback[node.key] = group
+            extra += ordered
+        return extra, fallback
+
     def _prefix_hint(
         self, chain: tuple[bytes, ...], nodes: list[Node]
     ) -> strategies.PrefixHint | None:
@@ -216,12 +290,12 @@ class Dispatcher:
         owner = self.prefixes.match(chain, {node.key for node in nodes})
         return strategies.PrefixHint(owner, chain[0], self.settings.prefix_aware_balance)
 
-    def _unavailable(self, intent: RouteRequest) -> None:
+    def _unavailable(self, intent: RouteRequest, requested: str) -> None:
         """A model served until recently is 503 with Retry-After, not 404: its node is busy or
         restarting, and SDKs retry a 503 but take a 404 for "no such model"."""
         gone = self.registry.gone_models(trio.current_time(), self.settings.model_grace)
-        sentinel = intent.model.lower() in self.sentinels
-        if intent.model in gone or (sentinel and gone and not self.registry.model_counts()):
+        sentinel = requested.lower() in self.sentinels
+        if requested in gone or (sentinel and gone and not self.registry.model_counts()):
             raise ModelUnavailable(
                 f"The model '{intent.model}' is unavailable right now: no healthy node serves "
                 "it (busy or restarting); retry shortly",
@@ -405,11 +479,15 @@ class _Run:
             # only the request's deadline bounds it.
             scope.deadline = plan.deadline
 
+        if node.rewrites or plan.fallback:
+            path, body, headers = self._for_node(node)
+        else:
+            path, body, headers = plan.path, plan.body, plan.headers
         try:
             with scope:
                 try:
                     async with node.upstream.request(
-                        "POST", plan.path, plan.headers, plan.body,
+                        "POST", path, headers, body,
                         on_sent=None if plan.stream else sent,
                     ) as up:
                         status = up.status
@@ -454,6 +532,27 @@ class _Run:
                 self.trace, node.key, outcome, status, trio.current_time() - started
             )
 
+    def _for_node(self, node: Node) -> tuple[str, bytes, Headers]:
+        """The request as `node` takes it: its dialect, its name for the model, lb's
+        credential (or the client's, when the node is configured to forward it)."""
+        plan = self.plan
+        config = node.config
+        dialect = node.dialect
+        asked = plan.fallback.get(node.key, plan.model)
+        model = config.model_map.get(asked, asked)
+        if plan.matched is not None and "*" in model:  # `mlx-*` -> the part `*` matched
+            head, _, tail = asked.partition("*")
+            model = model.replace("*", plan.matched[len(head): len(plan.matched) - len(tail)], 1)
+        if dialect.passthrough and model == plan.model and not config.params:
+            body = plan.body
+        else:
+            fields = {**config.params, **plan.fields} if config.params else plan.fields
+            body = dialect.encode(plan.kind, fields, model)
+        headers = plan.headers + node.auth_headers
+        if config.forward_auth and not node.auth_headers and plan.authorization is not None:
+            headers.append((b"authorization", plan.authorization))
+        return dialect.path(plan.kind, plan.stream), body, headers
+
     async def _handle(
         self, node: Node, up: UpstreamResponse, scope: trio.CancelScope
     ) -> tuple[Outcome, str, _Answer | None]:
@@ -464,6 +563,8 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
+        if not node.dialect.passthrough:
+            return await self._translated(node, up, scope)
         headers = _from_node(up.headers, self.trace)
         if status == 200 and _is_event_stream(up.headers):
             self.sink.head(status, headers)
@@ -545,6 +646,63 @@ class _Run:
             return Outcome.FAILURE, "closed the stream before [DONE]"
         return Outcome.SUCCESS, ""
 
+    async def _translated(
+        self, node: Node, up: UpstreamResponse, scope: trio.CancelScope
+    ) -> tuple[Outcome, str, _Answer | None]:
+        """A node of another dialect: its answer, or its stream, in OpenAI's words."""
+        dialect, plan, trace, status = node.dialect, self.plan, self.trace, up.status
+        kept = [item for item in _from_node(up.headers, trace) if item[0] != b"content-type"]
+        if plan.stream and dialect.is_stream(status, up.headers):
+            self.sink.head(status, [*_SSE_HEAD, *kept])
+            trace.status = status
+            translator = dialect.translator(plan.kind, plan.model, plan.fields)
+            outcome, reason = await self._pump_translated(translator, up, scope)
+            return outcome, reason, None
+        scope.deadline = plan.deadline
+        body = await up.read(MAX_UPSTREAM_BODY)
+        try:
+            body = dialect.decode(plan.kind, status, body, plan.model)
+        except ValueError:
+            reason = f"HTTP {status} with an answer that is not {dialect.name}'s"
+            return Outcome.FAILURE, reason, None
+        kept += [_JSON_TYPE, (b"content-length", str(len(body)).encode())]
+        trace.status = status
+        usage = usage_of(body)
+        if usage is not None:
+            trace.prompt_tokens, trace.completion_tokens = usage
+        return Outcome.SUCCESS, "", _Answer(status, kept, body)
+
+    async def _pump_translated(
+        self, translator: StreamTranslator, up: UpstreamResponse, scope: trio.CancelScope
+    ) -> tuple[Outcome, str]:
+        """`_pump` for a translated stream: the translator frames the events, and says
+        whether the node finished its answer."""
+        idle = self.dispatcher.settings.stream_idle_timeout
+        deadline = self.plan.deadline
+        trace = self.trace
+        send = self.sink.send
+        try:
+            while True:
+                scope.deadline = min(deadline, trio.current_time() + idle)
+                received = await up.receive_some()
+                data = translator.feed(received) if received else translator.finish()
+                if data:
+                    if trace.first_byte is None:
+                        self._first_byte()
+                    self.writing = True
+                    await send(data)
+                    self.writing = False
+                    trace.chunks += 1
+                if not received or data.endswith(b"data: [DONE]\n\n"):
+                    break
+        except (StreamIncomplete, StreamFailed) as exc:
+            return Outcome.FAILURE, str(exc) or "closed the stream before it was done"
+        trace.last_byte = trio.current_time() - trace.arrival
+        usage = translator.usage
+        if usage is not None:
+            trace.prompt_tokens, trace.completion_tokens = usage
+        return Outcome.SUCCESS, ""
+
     async def _end_event(self, ragged: bool) -> None:
         """Before an error event: end the half event an oversized line let through."""
         if self.sink.committed and ragged:
@@ -576,6 +734,11 @@ class _Run:
                 self.dispatcher.registry.breaker_opened(node, until)
         else:
             breaker.release_probe()
+
+
+def _fits(node: Node, estimate: int) -> bool:
+    limit = node.config.max_input_tokens
+    return limit is None or estimate <= limit
 
 
 def _prices(nodes: Sequence[Node]) -> dict[str, float]:

@@ -28,3 +28,6 @@ class RouteRequest:
     prefer_small: bool = False
     strategy: Strategy | None = None  # the client's choice (None: ROUTING_STRATEGY)
     headers: Headers = attrs.field(factory=list)  # end-to-end headers to send to the node
+    # The client's Authorization header: never sent on, except to a node configured to
+    # receive it (`forward_auth`).
+    authorization: bytes | None = attrs.field(default=None, repr=False)

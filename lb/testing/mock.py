@@ -5,7 +5,8 @@ it must be cheap per request: no logging, answers built from precomputed byte fr
 the shape is fixed (stream chunks), and orjson for the rest.
 
 Endpoints: `GET /v1/models`, `GET /api/tags` (Ollama discovery), `GET /health`,
-`POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`, and the control
+`POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`, Ollama's native
+`POST /api/chat`, `/api/generate` and `/api/embed` (see lb.testing.mock_ollama), and the control
 endpoints `GET /mock/stats`, `POST /mock/reset`, `GET|POST /mock/fault`, `GET /mock/requests`.
 Faults (see lb.testing.faults) apply node-wide or per request (header `x-mock-fault`, which
 wins); control endpoints are never faulted, counted or recorded.
@@ -260,6 +261,9 @@ class MockNode:
         router.add("POST", "/v1/chat/completions", self._api(self._chat, _GENERATE))
         router.add("POST", "/v1/completions", self._api(self._completions, _GENERATE))
         router.add("POST", "/v1/embeddings", self._api(self._embeddings, _GENERATE))
+        from lb.testing import mock_ollama  # here: it builds on this module
+
+        mock_ollama.add_routes(router, self)
         router.add("GET", "/mock/stats", self._get_stats)
         router.add("POST", "/mock/reset", self._post_reset)
         router.add("GET", "/mock/fault", self._get_fault)
@@ -267,10 +271,13 @@ class MockNode:
         router.add("GET", "/mock/requests", self._get_requests)
         return router
 
-    def _api(self, endpoint: _Endpoint, kind: str) -> Handler:
+    def _api(
+        self, endpoint: _Endpoint, kind: str, render: Callable[[LBError], bytes] = error_body
+    ) -> Handler:
         """Wrap an API endpoint with counting, recording, the node's quirks and fault
         injection. `kind`: _GENERATE (counted as a generation in flight until its answer is
-        complete), _PROBE (waits for no generation in flight under `busy_probes`) or _OTHER."""
+        complete), _PROBE (waits for no generation in flight under `busy_probes`) or _OTHER.
+        `render`: an error's body in the endpoint's dialect (OpenAI's by default)."""
         generates = kind == _GENERATE
         probe = kind == _PROBE
 
@@ -325,7 +332,7 @@ class MockNode:
             except LBError as exc:
                 stats.completed += 1
                 stats.errors += 1
-                body = error_body(exc)
+                body = render(exc)
                 headers = [*error_headers(exc, body), (b"x-mock-node", self.name.encode())]
                 return Response(exc.status, headers, body)
             finally:
