@@ -99,7 +99,9 @@ async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
 def build_registry(settings: Settings) -> Registry:
     return Registry(
         (Node.from_settings(config, settings) for config in settings.all_nodes()),
-        prefs=Prefs(preferred_models=settings.preferred_models),
+        prefs=Prefs(
+            preferred_models=settings.preferred_models, traffic_split=settings.traffic_split
+        ),
     )
 
 
@@ -165,19 +167,20 @@ def build_router(
         admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
         aliases=settings.aliases, alias_only=settings.alias_only,
     )
+    dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     debug.add_routes(
-        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key
+        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key,
+        dispatcher=dispatcher,
     )
     admin.add_routes(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
-        change_prefs=change_prefs,
+        change_prefs=change_prefs, split_label=settings.traffic_split_label,
     )
     stats.add_routes(
         router, registry, routing_stats,
         strategy=strategies.parse_strategy(settings.routing_strategy).value,
-        admin_key=settings.admin_key,
+        admin_key=settings.admin_key, dispatcher=dispatcher,
     )
-    dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     proxy.add_routes(router, dispatcher)
     anthropic.add_routes(router, dispatcher)
     return router

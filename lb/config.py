@@ -17,6 +17,7 @@ import attrs
 import yaml
 
 from lb.routing.hedge import HedgeAfter, parse_hedge_after
+from lb.routing.split import parse_weights
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
 
 if TYPE_CHECKING:
@@ -66,6 +67,13 @@ def _text(value: Any) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError("expected text")
     return str(value).strip()
+
+
+def _label(value: Any) -> str:
+    text = _text(value)
+    if not text:
+        raise ValueError("expected a label name")
+    return text
 
 
 def _int(minimum: int = 0) -> Callable[[Any], int]:
@@ -420,6 +428,10 @@ SETTINGS: tuple[Setting, ...] = (
             "PREFIX_AWARE: block -> node entries remembered (least recently used go first)"),
     Setting("prefix_aware_balance", "PREFIX_AWARE_BALANCE", _ratio,
             "PREFIX_AWARE: a prefix's node is passed over above (1 + this) x the mean load"),
+    Setting("traffic_split", "TRAFFIC_SPLIT", parse_weights,
+            "Blue/green: weight per label value, e.g. blue=90,green=10 (empty: no split)"),
+    Setting("traffic_split_label", "TRAFFIC_SPLIT_LABEL", _label,
+            "The node label TRAFFIC_SPLIT weighs (its values name the groups)"),
     Setting("request_timeout", "REQUEST_TIMEOUT_SECS", _seconds, "One deadline per request (504)"),
     Setting("attempt_timeout", "ATTEMPT_TIMEOUT_SECS", _seconds,
             "Time for a node to send response headers"),
@@ -512,6 +524,8 @@ class Settings:
     prefix_aware_blocks: int = 16
     prefix_aware_index_size: int = 100_000
     prefix_aware_balance: float = 0.25
+    traffic_split: Mapping[str, float] = attrs.field(factory=dict)
+    traffic_split_label: str = "version"
     request_timeout: float = 600.0
     attempt_timeout: float = 60.0
     stream_idle_timeout: float = 120.0

@@ -50,7 +50,7 @@ from lb.http.types import ClientGone, Headers, ResponseSink
 from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
-from lb.routing import hedge, prefix, strategies
+from lb.routing import hedge, prefix, split, strategies
 from lb.routing.context import check_context, estimate_tokens
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
@@ -186,9 +186,11 @@ class Dispatcher:
             elif strategy is strategies.Strategy.PREFIX_AWARE:
                 chain = prefix.blocks(intent.body, intent.kind, self.settings.prefix_aware_blocks)
                 hint = self._prefix_hint(chain, open_nodes)
+        weights = self.registry.prefs.traffic_split
         candidates = strategies.order(
             strategy, open_nodes, counter=next(self._counter), rng=self._rng,
             session=intent.session, latency=latency, prices=prices, prefix=hint,
+            split=self.split_for(weights, open_nodes, intent.session) if weights else None,
         )
         if chain:
             # The chosen node owns the prefix now (moved when bounded load passed it over).
@@ -218,6 +220,23 @@ class Dispatcher:
             fallback=fallback,
             matched=matched,
         )
+
+    def draw(self) -> tuple[int, random.Random]:
+        """The next request counter and the RNG, for an explanation of a ranking now."""
+        return next(self._counter), self._rng
+
+    def split_for(
+        self, weights: Mapping[str, float], nodes: Sequence[Node], session: str | None
+    ) -> split.Split | None:
+        """The blue/green split of this request over ``nodes`` (None when none carries the
+        label): drawn from the RNG, or from the session so it keeps to one group."""
+        label = self.settings.traffic_split_label
+        groups = {node.key: node.config.labels[label] for node in nodes
+                  if label in node.config.labels}
+        if not groups:
+            return None
+        u = split.session_unit(session) if session else self._rng.random()
+        return split.Split(groups, weights, u)
 
     def _model_for(self, intent: RouteRequest) -> tuple[str, str | None]:
         """The model (or catalogue group) to route to, and the name a wildcard group (`mlx-*`)

@@ -19,6 +19,8 @@ from typing import Protocol, TypeVar
 
 import attrs
 
+from lb.routing.split import Split, tiers
+
 __all__ = [
     "NEEDS_LATENCY",
     "STRATEGIES",
@@ -366,14 +368,25 @@ def order(
     strategy: Strategy, cands: Sequence[C], *, counter: int, rng: random.Random,
     session: str | None = None, latency: Mapping[str, float] | None = None,
     prices: Mapping[str, float] | None = None, prefix: PrefixHint | None = None,
+    split: Split | None = None,
 ) -> list[C]:
     """Order ``cands`` by ``strategy`` (by ``session`` first: a sticky session outranks any
     strategy); the one entry point, so every caller gets the same fallbacks. ``latency`` (node
     key -> recent seconds) is read by `NEEDS_LATENCY` strategies, ``prices`` (node key -> price
     per token) by COST_OPTIMIZED, ``prefix`` (the owner of the request's prompt prefix) by
-    PREFIX_AWARE."""
+    PREFIX_AWARE. ``split`` (blue/green): the chosen group's nodes first, each tier ordered
+    by the rest of the arguments (see `lb.routing.split`)."""
     if len(cands) <= 1:
         return list(cands)
+    if split is not None:
+        return [
+            cand
+            for tier in tiers(cands, split)[1:]
+            for cand in order(
+                strategy, tier, counter=counter, rng=rng, session=session, latency=latency,
+                prices=prices, prefix=prefix,
+            )
+        ]
     if session:
         return rendezvous(cands, session)
     if strategy is Strategy.LEAST_LOADED:
