@@ -192,8 +192,9 @@ class Dispatcher:
             session=intent.session, latency=latency, prices=prices, prefix=hint,
             split=self.split_for(weights, open_nodes, intent.session) if weights else None,
         )
-        if chain:
-            # The chosen node owns the prefix now (moved when bounded load passed it over).
+        if chain and hint is not None and hint.owner in (None, candidates[0].key):
+            # The node that served a new prefix owns it; a spill (bounded load passed the owner
+            # over) leaves the owner in place, so the prefix's cache is not scattered.
             self.prefixes.record(chain, candidates[0].key)
         return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback, matched)
 

@@ -286,8 +286,10 @@ def prefix_aware(cands: Sequence[C], counter: int, hint: PrefixHint | None) -> l
     """The owner of the request's prefix first, the rest by load; the owner is
     ``hint.owner`` (the node that served the longest known prefix), or when no candidate owns
     one, the rendezvous winner for the first block, so every lb instance sends a new prefix to
-    the same node. Bounded load: when that node is `_overloaded`, this is `least_loaded`;
-    without a prompt too."""
+    the same node. Bounded load: when that node is `_overloaded`, the request spills to the
+    next node in the prefix's rendezvous order that is not (so a hot prefix spills to the
+    same few nodes, whose caches then hold it too), else to the least loaded; without a
+    prompt, this is `least_loaded`."""
     if len(cands) <= 1:
         return list(cands)
     if hint is None or not hint.first:
@@ -296,7 +298,14 @@ def prefix_aware(cands: Sequence[C], counter: int, hint: PrefixHint | None) -> l
     if owner is None:
         owner = rendezvous(cands, hint.first.hex())[0]
     if _overloaded(cands, owner, hint.balance):
-        return least_loaded(cands, counter)
+        spill = next(
+            (c for c in rendezvous(cands, hint.first.hex())
+             if c is not owner and not _overloaded(cands, c, hint.balance)),
+            None,
+        )
+        if spill is None:
+            return least_loaded(cands, counter)
+        owner = spill
     return [owner, *least_loaded([c for c in cands if c is not owner], counter)]
 
 
