@@ -125,7 +125,7 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         set_prefs=registry.set_prefs,
         take_opened_breakers=lambda: registry.take_opened_breakers(trio.current_time()),
         trip_breaker=trip,
-        inflight=registry.inflight,
+        held=registry.held,
     )
     return Fleet(
         RedisStore(address, settings.redis_prefix),

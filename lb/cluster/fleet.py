@@ -63,9 +63,11 @@ class FleetHooks:
         set_prefs: Callable[[Prefs], None],
         take_opened_breakers: Callable[[], dict[str, float]],  # node -> seconds still open
         trip_breaker: Callable[[str, float], None],  # node, seconds to stay open
-        inflight: Callable[[], dict[str, int]],  # node -> requests in flight from here
+        # node -> the part of its cap this instance may be using (its local cap, or more in
+        # flight): what the others must leave it.
+        held: Callable[[], dict[str, int]],
     ) -> None:
-        self.inflight = inflight
+        self.held = held
         self.caps = caps
         self.set_local_caps = set_local_caps
         self.export_table = export_table
@@ -144,7 +146,7 @@ class Fleet:
     async def sync_once(self) -> None:
         opened = self.hooks.take_opened_breakers()
         self._unsent_breakers.update(opened)
-        load = orjson.dumps(self.hooks.inflight())
+        load = orjson.dumps(self.hooks.held())
         result = await self.store.sync(self.id, self.ttl, self._unsent_breakers, load)
         self._unsent_breakers = {}
         if not self.redis_up:
@@ -203,8 +205,8 @@ class Fleet:
             if mine is None or not self.settled:
                 local[key] = None if mine is None else 0
                 continue
-            # Another instance may still hold more than its new share (requests it admitted
-            # before we joined): take only what is really free.
+            # Another instance may still hold more than its new share (its local cap from before
+            # it heard of us, or requests it admitted then): take only what is really free.
             others = sum(
                 max(int(loads.get(other, {}).get(key, 0)), share(cap, self.instances, other, key)
                     or 0)

@@ -119,9 +119,14 @@ class Registry:
                 node.limiter.total_tokens = limit
                 self.slot_freed.unpark_all()
 
-    def inflight(self) -> dict[str, int]:
-        """Requests in flight from this instance, per node that has a cap."""
-        return {key: node.inflight for key, node in self.nodes.items() if self.fleet_cap(node)}
+    def held(self) -> dict[str, int]:
+        """Per node that has a cap, the part of it this instance may be using: its local cap
+        (it may admit that many before it next hears of the fleet) or, above it, what it has
+        in flight (admitted before its share shrank)."""
+        return {
+            key: max(node.inflight, node.capacity)
+            for key, node in self.nodes.items() if self.fleet_cap(node)
+        }
 
     def breaker_opened(self, node: Node, until: float) -> None:
         self._opened[node.key] = until
