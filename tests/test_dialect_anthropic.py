@@ -4,6 +4,7 @@ the mock Anthropic node, the answers checked with the openai SDK's own types."""
 from __future__ import annotations
 
 import base64
+import itertools
 from typing import Any
 
 import httpx
@@ -156,7 +157,7 @@ def test_encode_keeps_every_message_and_merges_the_system(
         assert out.get("system") == ("\n\n".join(system) if system else None)
         assert anthropic_items(turns) == openai_items(messages)
     roles = [t["role"] for t in turns]
-    assert all(a != b for a, b in zip(roles, roles[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(roles))
     _check_messages(turns)  # what the (strict) mock Anthropic node accepts
 
 
@@ -260,7 +261,7 @@ def test_encode_refuses_what_anthropic_cannot_express(body: dict[str, Any], para
 def test_embeddings_and_completions_are_refused() -> None:
     assert ANTHROPIC.path("chat", True) == "/v1/messages"
     for kind in ("embedding", "completion"):
-        with pytest.raises(BadRequest, match="no .* endpoint"):
+        with pytest.raises(BadRequest, match=r"no .* endpoint"):
             ANTHROPIC.path(kind, False)  # type: ignore[arg-type]
 
 

@@ -9,9 +9,10 @@ control endpoints as for any mock node. Errors are Anthropic's
 `overloaded_error`, 429: `rate_limit_error`, ...), faults included (`status=529`). The fault
 item `error-after=N` ends a stream with an `event: error` (`overloaded_error`) after N events.
 
-Like the real API, a request needs `anthropic-version`, `max_tokens` and alternating
-`user`/`assistant` turns (no `system` role; every `tool_use` answered by a `tool_result` in
-the next turn, and no `tool_result` without its `tool_use`); with `api_key` set, `x-api-key`
+Like the real API, a request needs `anthropic-version`, `max_tokens` and `user`/`assistant`
+turns (consecutive same-role messages count as one turn; `system` messages, text only, are
+accepted as the SDK allows; every `tool_use` answered by a `tool_result` in the next turn,
+and no `tool_result` without its `tool_use`); with `api_key` set, `x-api-key`
 or `Authorization: Bearer` must carry it (on `/v1/models` too).
 
 The answer is the mock's usual text (`tokens` words, cut by `max_tokens` -> `max_tokens`, or
@@ -187,52 +188,64 @@ def _is_text(block: Any) -> bool:
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
         raise BadRequest(f"{where}.content: Input should be a string or a list of blocks")
     return content
 
 
 def _check_messages(messages: Any) -> None:
+    """Anthropic's rules: roles user or assistant (or system, text only, as the SDK allows);
+    consecutive same-role messages are one turn; non-empty content but for a final
+    assistant; every `tool_use` answered by a `tool_result` in the next turn, none without."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: at least one message is required")
-    pending: set[str] = set()  # tool_use ids the next turn must answer
-    previous = None
+    turns: list[tuple[str, list[dict[str, Any]], str]] = []  # role, blocks, where
     for i, message in enumerate(messages):
         where = f"messages.{i}"
         if not isinstance(message, dict):
             raise BadRequest(f"{where}: Input should be an object")
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise BadRequest(f'{where}.role: Input should be "user" or "assistant"; got {role!r}')
-        if role == previous:
-            raise BadRequest(f"{where}: roles must alternate between user and assistant")
-        previous = role
+        if role not in ("user", "assistant", "system"):
+            raise BadRequest(f'{where}.role: Input should be "user", "assistant" or "system";'
+                f" got {role!r}")
         blocks = _blocks(message.get("content"), where)
-        if not blocks and i != len(messages) - 1:
+        if not blocks and not (role == "assistant" and i == len(messages) - 1):
             raise BadRequest(f"{where}: all messages must have non-empty content except "
                 "for the optional final assistant message")
-        answered = set()
         for j, block in enumerate(blocks):
             kind = block.get("type")
             if kind == "text" and (not isinstance(block.get("text"), str) or not block["text"]):
                 raise BadRequest(f"{where}.content.{j}.text: text content blocks must be "
                     "non-empty")
-            if kind == "tool_use":
-                if role != "assistant" or not isinstance(block.get("input"), dict):
-                    raise BadRequest(f"{where}.content.{j}: tool_use needs an object input "
-                        "in an assistant turn")
-            elif kind == "tool_result":
-                if role != "user" or block.get("tool_use_id") not in pending:
-                    raise BadRequest(f"{where}.content.{j}: unexpected `tool_use_id` found in "
-                        "`tool_result` blocks: each must answer a `tool_use` block of the "
-                        "previous message")
-                answered.add(block["tool_use_id"])
-            elif kind not in ("text", "image", "document", "thinking", "redacted_thinking"):
+            if role == "system" and kind != "text":
+                raise BadRequest(f"{where}.content.{j}: system messages hold text only")
+            if kind == "tool_use" and (
+                role != "assistant" or not isinstance(block.get("input"), dict)
+            ):
+                raise BadRequest(f"{where}.content.{j}: tool_use needs an object input in an "
+                    "assistant turn")
+            if kind == "tool_result" and role != "user":
+                raise BadRequest(f"{where}.content.{j}: tool_result belongs in a user turn")
+            if kind not in ("text", "image", "document", "thinking", "redacted_thinking",
+                    "tool_use", "tool_result"):
                 raise BadRequest(f"{where}.content.{j}.type: unknown block type {kind!r}")
-        if role == "user" and pending != answered:
-            raise BadRequest(f"{where}: `tool_use` ids were found without `tool_result` "
-                f"blocks immediately after: {', '.join(sorted(pending - answered))}")
+        if role == "system":
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append((role, list(blocks), where))
+    pending: set[str] = set()  # tool_use ids the next turn must answer
+    for role, blocks, where in turns:
+        if role == "user":
+            answered = {b.get("tool_use_id") for b in blocks if b.get("type") == "tool_result"}
+            if answered - pending:
+                raise BadRequest(f"{where}: unexpected `tool_use_id` found in `tool_result` "
+                    "blocks: each must answer a `tool_use` block of the previous message")
+            if pending - answered:
+                raise BadRequest(f"{where}: `tool_use` ids were found without `tool_result` "
+                    f"blocks immediately after: {', '.join(sorted(pending - answered))}")
         pending = {
             b["id"] for b in blocks if b.get("type") == "tool_use"
         } if role == "assistant" else set()
