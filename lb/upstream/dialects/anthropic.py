@@ -612,6 +612,20 @@ class AnthropicStreamTranslator:
         buffer = self._buffer
         buffer += data
         out: list[bytes] = []
+        if b"\r" not in buffer:  # LF only, as Anthropic sends: every whole line at once
+            last = buffer.rfind(b"\n")
+            if last < 0:
+                return b""
+            lines = bytes(buffer[:last]).split(b"\n")
+            del buffer[: last + 1]
+            try:
+                for line in lines:
+                    self._line(line, out)
+            except StreamError as exc:
+                exc.pending = b"".join(out)
+                buffer.clear()
+                raise
+            return b"".join(out)
         start = 0
         n = len(buffer)
         while True:
