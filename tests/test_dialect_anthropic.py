@@ -210,6 +210,20 @@ def test_encode_tools_and_tool_choice() -> None:
         assert encode_request({**base, "tool_choice": choice}, "m")["tool_choice"] == expected
     serial = encode_request({**base, "parallel_tool_calls": False}, "m")
     assert serial["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    alone = encode_request({**base, "tools": [], "tool_choice": "none"}, "m")
+    assert "tools" not in alone and "tool_choice" not in alone
+
+
+def test_cache_control_on_parts_is_kept() -> None:
+    mark = {"type": "ephemeral"}
+    out = encode_request({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "long document", "cache_control": mark},
+        {"type": "text", "text": "question"},
+    ]}]}, "m")
+    assert out["messages"][0]["content"] == [
+        {"type": "text", "text": "long document", "cache_control": mark},
+        {"type": "text", "text": "question"},
+    ]
 
 
 def test_encode_tool_results_merge_into_one_user_turn_first() -> None:
@@ -247,8 +261,8 @@ def test_encode_tool_results_merge_into_one_user_turn_first() -> None:
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"},
-     "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes",
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search"}]},
      "tools[0]"),
 ])

@@ -46,6 +46,10 @@ __all__ = [
     "AnthropicDialect",
     "AnthropicStreamTranslator",
     "StreamError",
+    "chat_id",
+    "decode_error",
+    "decode_message",
+    "encode_request",
     "error_type_for_status",
     "is_node_fault",
 ]
@@ -246,9 +250,10 @@ def encode_request(
     tools = body.get("tools")
     if tools:
         out["tools"] = _encode_tools(tools)
-    choice = _encode_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
-    if choice is not None:
-        out["tool_choice"] = choice
+        # (without tools Anthropic refuses a tool_choice; OpenAI clients send "none" alone)
+        choice = _encode_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice is not None:
+            out["tool_choice"] = choice
 
     for key, value in body.items():
         if key in _TRANSLATED:
@@ -326,7 +331,15 @@ def _user_blocks(content: Any, i: int) -> list[dict[str, Any]]:
 
 
 def _part(part: Any, where: str) -> dict[str, Any] | None:
-    """One OpenAI content part as an Anthropic block (None for an empty text)."""
+    """One OpenAI content part as an Anthropic block (None for an empty text); a part's
+    `cache_control` (as LiteLLM's clients send it) is kept."""
+    block = _block(part, where)
+    if block is not None and "cache_control" in part:
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _block(part: Any, where: str) -> dict[str, Any] | None:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return {"type": "text", "text": part["text"]} if part["text"] else None
