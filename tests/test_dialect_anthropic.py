@@ -627,3 +627,22 @@ async def test_errors_through_the_dialect_and_the_mock_node() -> None:
                 {"role": "assistant", "content": ""}, {"content": "Lorem"},
             ]
             nursery.cancel_scope.cancel()
+
+
+def test_message_delta_usage_is_cumulative() -> None:
+    """Newer API versions repeat the whole usage in message_delta: the last word wins."""
+    translator = AnthropicStreamTranslator("handle", True, created=1)
+    translator.feed(
+        b'data: {"type":"message_start","message":{"id":"msg_2","usage":'
+        b'{"input_tokens":4,"output_tokens":1,"cache_creation_input_tokens":6}}}\n\n'
+    )
+    assert translator.usage == (10, 1)
+    translator.feed(
+        b'data: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},'
+        b'"usage":{"input_tokens":5,"output_tokens":3}}\n\ndata: {"type":"message_stop"}\n\n'
+    )
+    assert translator.usage == (11, 3)
+    last = sse_payloads(translator.finish())[-2]
+    assert orjson.loads(last)["usage"] == {
+        "prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
+    }

@@ -612,14 +612,15 @@ class AnthropicStreamTranslator:
         self._finished = False  # finish_reason sent
         self._stopped = False  # message_stop seen
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
-        self._input = 0
-        self._output = 0
-        self._cached: Any = None  # prompt_tokens_details, when the node read its cache
-        self._usage_seen = False
+        # Anthropic's usage so far: message_start's, updated by message_delta's (cumulative)
+        self._raw_usage: dict[str, Any] | None = None
 
     @property
     def usage(self) -> tuple[int, int] | None:
-        return (self._input, self._output) if self._usage_seen else None
+        if self._raw_usage is None:
+            return None
+        usage = _usage(self._raw_usage)
+        return usage["prompt_tokens"], usage["completion_tokens"]
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer
@@ -709,11 +710,7 @@ class AnthropicStreamTranslator:
             self._start(str(message.get("id", "")), out)
             usage = message.get("usage")
             if isinstance(usage, dict):
-                prompt = _usage(usage)
-                self._input = prompt["prompt_tokens"]
-                self._cached = prompt.get("prompt_tokens_details")
-                self._output = _count(usage.get("output_tokens"))
-                self._usage_seen = True
+                self._raw_usage = dict(usage)
         elif kind == "content_block_start":
             self._start("", out)
             block = event.get("content_block")
@@ -729,9 +726,8 @@ class AnthropicStreamTranslator:
             delta = event.get("delta")
             stop = delta.get("stop_reason") if isinstance(delta, dict) else None
             usage = event.get("usage")
-            if isinstance(usage, dict) and "output_tokens" in usage:
-                self._output = _count(usage["output_tokens"])
-                self._usage_seen = True
+            if isinstance(usage, dict):
+                self._raw_usage = {**(self._raw_usage or {}), **usage}
             if isinstance(stop, str):
                 self._finish_chunk(FINISH_REASON.get(stop, "stop"), out)
         elif kind == "message_stop":
@@ -811,13 +807,7 @@ class AnthropicStreamTranslator:
             + orjson.dumps(reason) + b"}]}\n\n")
 
     def _usage_dict(self) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "prompt_tokens": self._input, "completion_tokens": self._output,
-            "total_tokens": self._input + self._output,
-        }
-        if self._cached:
-            usage["prompt_tokens_details"] = self._cached
-        return usage
+        return _usage(self._raw_usage)
 
 
 def _line_end(buffer: bytearray, start: int) -> tuple[int, int] | None:
