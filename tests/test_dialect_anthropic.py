@@ -31,7 +31,7 @@ from lb.upstream.dialects.anthropic import (
     decode_message,
     encode_request,
 )
-from lb.upstream.dialects.base import StreamIncomplete
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete
 
 # No deadline and no speed check: a loaded CI machine must not turn slowness into a failure.
 pure = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -464,12 +464,16 @@ def test_an_error_event_raises_after_the_same_events_however_split(
                 previous = cut
             translator.finish()
         except StreamError as exc:
-            return b"".join(out) + exc.pending, exc
+            return b"".join(out), exc
         raise AssertionError("no StreamError")
 
     split, error = run(cuts)
-    assert (split, error.status, error.error_type) == (*run([])[:1], 529, "overloaded_error")
-    assert isinstance(error, StreamIncomplete) and error.message == "Overloaded"
+    whole = run([])[0]
+    assert (split, error.status, error.error_type) == (whole, 529, "overloaded_error")
+    assert isinstance(error, StreamFailed) and error.message == "Overloaded"
+    # every event before the error was translated, and sent before the error is raised
+    expected = AnthropicStreamTranslator("handle", False, created=1).feed(b"".join(events[:at]))
+    assert whole == expected
 
 
 @pure
@@ -535,8 +539,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 async def call(
     base: str, body: dict[str, Any], key: str = "sk-test", fault: str | None = None,
+    failed: list[tuple[bytes, StreamError]] | None = None,
 ) -> tuple[int, bytes, bool]:
-    """Send an OpenAI body through the dialect to the node; (status, OpenAI bytes, stream)."""
+    """Send an OpenAI body through the dialect to the node; (status, OpenAI bytes, stream).
+    A stream's error goes to `failed` with the bytes translated before it."""
     stream = body.get("stream") is True
     headers = dict((k.decode(), v.decode()) for k, v in ANTHROPIC.auth(key))
     if fault:
@@ -557,8 +563,8 @@ async def call(
                 out.append(translator.feed(piece))
             out.append(translator.finish())
         except StreamError as exc:
-            exc.pending = b"".join(out) + exc.pending  # everything before the error
-            raise
+            assert failed is not None, exc
+            failed.append((b"".join(out), exc))
         return response.status_code, b"".join(out), True
 
 
@@ -619,10 +625,11 @@ async def test_errors_through_the_dialect_and_the_mock_node() -> None:
             assert status == 401 and "lb's credential" in error["message"]
             status, raw, _ = await call(base, {**chat, "seed": 1}, key="sk-test")
             assert status == 200  # dropped: drop_params
-            with pytest.raises(StreamError) as caught:
-                await call(base, {**chat, "stream": True}, fault="error-after=4")
-            assert caught.value.status == 529
-            before = [orjson.loads(p) for p in sse_payloads(caught.value.pending)]
+            failed: list[tuple[bytes, StreamError]] = []
+            await call(base, {**chat, "stream": True}, fault="error-after=4", failed=failed)
+            [(sent, error)] = failed
+            assert error.status == 529 and error.error_type == "overloaded_error"
+            before = [orjson.loads(p) for p in sse_payloads(sent)]
             assert [c["choices"][0]["delta"] for c in before] == [
                 {"role": "assistant", "content": ""}, {"content": "Lorem"},
             ]

@@ -19,8 +19,8 @@ over, and what was decided:
 - Errors: the node's status is kept, the body becomes OpenAI's with `code` = Anthropic's error
   type. `authentication_error` and `permission_error` concern lb's credential, not the
   client's: their message says so (`is_node_fault` tells dispatch to blame the node).
-- A stream's `error` event raises `StreamError`, a `StreamIncomplete`: the node failed
-  mid-answer.
+- A stream's `error` event raises `StreamError`, a `StreamFailed`: the node failed
+  mid-answer (after the events that came before it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from lb.http.errors import error_type
 from lb.http.sse import DONE
 from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
-from lb.upstream.dialects.base import StreamIncomplete
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete
 
 __all__ = [
     "ANTHROPIC",
@@ -100,18 +100,16 @@ def is_node_fault(status: int) -> bool:
     return status in (401, 403, 429) or status >= 500
 
 
-class StreamError(StreamIncomplete):
+class StreamError(StreamFailed):
     """The node sent an `error` event mid-stream (e.g. `overloaded_error`): it failed after
-    the answer began. `status` is the one that type comes with (529 for overloaded).
-    `pending`: the OpenAI events translated from the same `feed` before the error, which the
-    caller should still send (then its error event)."""
+    the answer began. `status` is the one that type comes with (529 for overloaded). When
+    the same read held events before it, `feed` returns theirs and the next call raises."""
 
     def __init__(self, error_type: str, message: str) -> None:
         super().__init__(f"{error_type}: {message}")
         self.error_type = error_type
         self.message = message
         self.status = ERROR_STATUS.get(error_type, 500)
-        self.pending = b""
 
 
 class AnthropicDialect:
@@ -614,6 +612,7 @@ class AnthropicStreamTranslator:
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         # Anthropic's usage so far: message_start's, updated by message_delta's (cumulative)
         self._raw_usage: dict[str, Any] | None = None
+        self._failed: StreamError | None = None  # an error event read after other events
 
     @property
     def usage(self) -> tuple[int, int] | None:
@@ -623,6 +622,8 @@ class AnthropicStreamTranslator:
         return usage["prompt_tokens"], usage["completion_tokens"]
 
     def feed(self, data: bytes) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         buffer = self._buffer
         buffer += data
         out: list[bytes] = []
@@ -636,9 +637,8 @@ class AnthropicStreamTranslator:
                 for line in lines:
                     self._line(line, out)
             except StreamError as exc:
-                exc.pending = b"".join(out)
                 buffer.clear()
-                raise
+                return self._fail(exc, out)
             return b"".join(out)
         start = 0
         n = len(buffer)
@@ -652,31 +652,34 @@ class AnthropicStreamTranslator:
             try:
                 self._line(bytes(buffer[start:line_stop]), out)
             except StreamError as exc:
-                exc.pending = b"".join(out)
                 buffer.clear()
-                raise
+                return self._fail(exc, out)
             start = next_start
         del buffer[:start]
         return b"".join(out)
 
     def finish(self) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         out: list[bytes] = []
-        try:
-            if self._buffer:  # a last line without its ending
-                line = bytes(self._buffer.rstrip(b"\r"))
-                self._buffer.clear()
-                self._line(line, out)
-            if self._data:
-                self._event(out)
-        except StreamError as exc:
-            exc.pending = b"".join(out)
-            raise
+        if self._buffer.endswith(b"\r"):  # held in case an LF followed: it was a line end
+            out.append(self.feed(b"\n"))
+            if self._failed is not None:
+                raise self._failed
+        # An event the body ended inside (no blank line after it) is dropped, as SSE says.
         if not self._stopped:
             raise StreamIncomplete("the Anthropic stream ended without message_stop")
         if self._include_usage:
             out.append(self._head_bytes() + b'],"usage":' + orjson.dumps(self._usage_dict())
                 + b"}\n\n")
         out.append(DONE)
+        return b"".join(out)
+
+    def _fail(self, exc: StreamError, out: list[bytes]) -> bytes:
+        """The events before the error go out first; the error is raised on the next call."""
+        if not out:
+            raise exc
+        self._failed = exc
         return b"".join(out)
 
     # -- parsing
