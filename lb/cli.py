@@ -109,13 +109,18 @@ def serve(
     "--ttft-per-inflight-ms", default=0.0, type=click.FloatRange(min=0), show_default=True,
     help="TTFT grows by this much per other request in flight on the node",
 )
+@click.option(
+    "--dialect", type=click.Choice(["openai", "anthropic"]), default="openai",
+    show_default=True, help="The API the node plays (anthropic: POST /v1/messages)",
+)
+@click.option("--api-key", default="", help="Require this key (Bearer, or x-api-key)")
 def mock(
     host: str, port: int, models: tuple[str, ...], ttft_ms: float, itl_ms: float, tokens: int,
     embedding_dim: int, fault: str, name: str, busy_probes: bool, strict_request_id: bool,
     ignore_max_completion_tokens: bool, prefix_cache: bool, prefill_ms_per_kb: float,
-    cache_entries: int, ttft_per_inflight_ms: float,
+    cache_entries: int, ttft_per_inflight_ms: float, dialect: str, api_key: str,
 ) -> None:
-    """Run a mock OpenAI-compatible LLM node (for tests, benchmarks and demos)."""
+    """Run a mock LLM node, OpenAI-compatible or Anthropic (for tests, benchmarks, demos)."""
     from lb.testing import MockNode
     from lb.testing.faults import parse_fault
 
@@ -131,6 +136,7 @@ def mock(
         honours_max_completion_tokens=not ignore_max_completion_tokens,
         prefix_cache=prefix_cache, prefill_ms_per_kb=prefill_ms_per_kb,
         cache_entries=cache_entries, ttft_per_inflight_ms=ttft_per_inflight_ms,
+        dialect=dialect, api_key=api_key,
     )
 
     async def run() -> None:

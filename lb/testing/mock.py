@@ -42,6 +42,10 @@ The fault item `drop-after-done=1` plays llama-cpp-python's end of a stream when
 fills: every event, `data: [DONE]` included, then the connection closes without the chunked
 body's last chunk.
 
+`dialect="anthropic"` makes the node play Anthropic's Messages API instead of OpenAI's (see
+lb.testing.mock_anthropic). `api_key`, when set, must come with every API request
+(`Authorization: Bearer <key>`, or Anthropic's `x-api-key`), else 401.
+
 `GET /mock/requests` shows the last requests as received: `headers` maps each name (lower-case,
 as h11 gives it) to its value, repeated headers joined with ", " in the order received, and
 `raw_headers` lists the `[name, value]` pairs exactly in the order received, repeats included.
@@ -63,11 +67,11 @@ import attrs
 import orjson
 import trio
 
-from lb.errors import BadRequest, LBError, ModelNotFound
+from lb.errors import BadRequest, LBError, ModelNotFound, Unauthorized
 from lb.http.errors import error_body, error_headers
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
-from lb.http.sse import DONE, SSE_HEADERS
+from lb.http.sse import DONE, SSE_HEADERS, error_event
 from lb.http.types import (
     JSON_HEADERS,
     ClientGone,
@@ -138,6 +142,7 @@ class _Knobs:
     tokens: int
     drop_after: int | None
     drop_after_done: bool
+    error_after: int | None = None
 
 
 _Endpoint = Callable[[Request, _Knobs], Awaitable[Response]]
@@ -171,6 +176,10 @@ class MockNode:
     cache_entries: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     ttft_per_inflight_ms: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
     tool_calls: bool = False  # answer requests that offer tools with a call (lb.testing.tools)
+    dialect: str = attrs.field(
+        default="openai", validator=attrs.validators.in_(("openai", "anthropic"))
+    )
+    api_key: str = ""
     stats: MockStats = attrs.field(factory=MockStats, init=False)
     server: HTTPServer | None = attrs.field(default=None, init=False)
     _router: Router = attrs.field(init=False)
@@ -260,15 +269,20 @@ class MockNode:
 
     def _build_router(self) -> Router:
         router = Router()
-        router.add("GET", "/v1/models", self._api(self._models, _PROBE))
-        router.add("GET", "/api/tags", self._api(self._tags, _PROBE))
-        router.add("GET", "/health", self._api(self._health, _OTHER))
-        router.add("POST", "/v1/chat/completions", self._api(self._chat, _GENERATE))
-        router.add("POST", "/v1/completions", self._api(self._completions, _GENERATE))
-        router.add("POST", "/v1/embeddings", self._api(self._embeddings, _GENERATE))
-        from lb.testing import mock_ollama  # here: it builds on this module
+        if self.dialect == "anthropic":
+            from lb.testing.mock_anthropic import add_routes
 
-        mock_ollama.add_routes(router, self)
+            add_routes(self, router)
+        else:
+            router.add("GET", "/v1/models", self._api(self._models, _PROBE))
+            router.add("GET", "/api/tags", self._api(self._tags, _PROBE))
+            router.add("POST", "/v1/chat/completions", self._api(self._chat, _GENERATE))
+            router.add("POST", "/v1/completions", self._api(self._completions, _GENERATE))
+            router.add("POST", "/v1/embeddings", self._api(self._embeddings, _GENERATE))
+            from lb.testing import mock_ollama  # here: it builds on this module
+
+            mock_ollama.add_routes(router, self)
+        router.add("GET", "/health", self._api(self._health, _OTHER))
         router.add("GET", "/mock/stats", self._get_stats)
         router.add("POST", "/mock/reset", self._post_reset)
         router.add("GET", "/mock/fault", self._get_fault)
@@ -310,6 +324,8 @@ class MockNode:
                         stats.completed += 1
                         stats.errors += 1
                         return Response(400, [(b"x-mock-node", self.name.encode())])
+                if self.api_key and kind != _OTHER:
+                    self._check_key(request)
                 fault = self._fault_for(request)
                 knobs = self._knobs(fault)
                 if fault is not None:
@@ -375,6 +391,14 @@ class MockNode:
 
         return write
 
+    def _check_key(self, request: Request) -> None:
+        if self.dialect == "anthropic":
+            from lb.testing.mock_anthropic import check_key
+
+            check_key(self, request)
+        elif request.header(b"authorization") != b"Bearer " + self.api_key.encode():
+            raise Unauthorized(f"Invalid API key for mock node {self.name}")
+
     def _fault_for(self, request: Request) -> FaultSpec | None:
         """The fault to apply to this request, if any (the header wins over the node's)."""
         raw = request.header(b"x-mock-fault")
@@ -403,6 +427,7 @@ class MockNode:
             self.tokens if fault.tokens is None else fault.tokens,
             fault.drop_after,
             fault.drop_after_done,
+            fault.error_after,
         )
 
     def _fault_error(self, fault: FaultSpec) -> LBError:
@@ -852,6 +877,11 @@ def _stream(
             + orjson.dumps(usage) + b"}\n\n"
         )
     frames.append(DONE)
+    if knobs.error_after is not None and knobs.error_after < len(frames) - 1:
+        frames[knobs.error_after:] = [error_event({"error": {
+            "message": "Injected fault: error event (error-after)", "type": "server_error",
+            "param": None, "code": "mock_fault",
+        }})]
 
     drop: str | None = None  # why the connection is dropped after the frames, if it is
     cut = knobs.drop_after is not None and knobs.drop_after < len(frames)
