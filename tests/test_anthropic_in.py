@@ -20,7 +20,10 @@ HELLO: list[Any] = [{"role": "user", "content": "hello world"}]
 WEATHER = {
     "name": "get_weather",
     "description": "The weather in a city",
-    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+    "input_schema": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"},
+        "units": {"type": "string", "enum": ["metric", "imperial"]},
+    }},
 }
 
 
@@ -116,7 +119,7 @@ async def test_tools_non_stream_and_the_result_round_trip(nursery: trio.Nursery)
         (call,) = message.content
         assert isinstance(call, anthropic.types.ToolUseBlock)
         assert call.name == "get_weather"
-        assert call.input == {"query": "weather in Paris", "limit": 3}
+        assert call.input == {"query": "lorem", "limit": 1, "units": "metric"}
         sent = (await node.requests())[-1]["body"]
         assert sent["tools"] == [{"type": "function", "function": {
             "name": "get_weather", "description": "The weather in a city",
@@ -162,7 +165,7 @@ async def test_tools_stream_with_streamed_arguments(nursery: trio.Nursery) -> No
         assert final.stop_reason == "tool_use"
         (call,) = final.content
         assert isinstance(call, anthropic.types.ToolUseBlock)
-        assert call.input == {"query": "weather in a long-named city", "limit": 3}
+        assert call.input == {"query": "lorem", "limit": 1, "units": "metric"}
         assert final.usage.output_tokens > 0
 
 

@@ -598,7 +598,7 @@ async def test_tool_calls_over_sockets() -> None:
             calls = function_calls(out.choices[0].message)
             assert out.choices[0].finish_reason == "tool_calls" and len(calls) == 1
             assert calls[0].function.name == "get_weather"
-            assert orjson.loads(calls[0].function.arguments) == {"city": "mock", "unit": "c"}
+            assert orjson.loads(calls[0].function.arguments) == {"city": "lorem", "unit": "c"}
 
             # The client runs the tool and sends the result back: the node answers text.
             followup = {"messages": [
@@ -611,7 +611,7 @@ async def test_tool_calls_over_sockets() -> None:
             assert chunks[-1].choices[0].finish_reason == "stop"
             sent = orjson.loads((await client.get("/mock/requests")).content)[-1]["body"]
             assert sent["messages"][1]["tool_calls"][0]["function"]["arguments"] == {
-                "city": "mock", "unit": "c",
+                "city": "lorem", "unit": "c",
             }
             assert sent["messages"][2] == {"role": "tool", "content": "sunny",
                                            "tool_name": "get_weather"}

@@ -18,7 +18,7 @@ from harness import RunningMock, anthropic_sdk, start_mock
 
 from lb.cli import main as cli_main
 from lb.testing import MockNode
-from lb.testing.mock_anthropic import example
+from lb.testing.tools import example
 
 KEY = "sk-ant-test"
 USER = [{"role": "user", "content": "hello there"}]

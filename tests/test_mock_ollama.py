@@ -93,7 +93,7 @@ async def test_tool_calls() -> None:
                                              tools=[WEATHER, CLOCK])
             calls = answer.message.tool_calls or []
             assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [
-                ("get_weather", {"city": "mock", "days": 1, "unit": "celsius"}),
+                ("get_weather", {"city": "lorem", "days": 1, "unit": "celsius"}),
             ]
             assert answer.message.content == ""
 

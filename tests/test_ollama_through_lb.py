@@ -73,7 +73,7 @@ async def test_tools_with_streamed_arguments() -> None:
             call = (answer.choices[0].message.tool_calls or [])[0]
             assert answer.choices[0].finish_reason == "tool_calls"
             assert isinstance(call, openai.types.chat.ChatCompletionMessageFunctionToolCall)
-            assert orjson.loads(call.function.arguments) == {"city": "mock", "days": 1}
+            assert orjson.loads(call.function.arguments) == {"city": "lorem", "days": 1}
 
             # The SDK's stream helper accumulates the argument deltas and parses the result.
             async with client.chat.completions.stream(
@@ -85,7 +85,7 @@ async def test_tools_with_streamed_arguments() -> None:
             assert argument_deltas
             calls = final.choices[0].message.tool_calls or []
             assert [c.function.name for c in calls] == ["get_weather"]
-            assert orjson.loads(calls[0].function.arguments) == {"city": "mock", "days": 1}
+            assert orjson.loads(calls[0].function.arguments) == {"city": "lorem", "days": 1}
             assert final.choices[0].finish_reason == "tool_calls"
 
             # The tool's result goes back; the node answers in text.

@@ -512,7 +512,7 @@ class MockNode:
         created = int(time.time())
         cid = self._new_id("chatcmpl")
         if self.tool_calls and (tool := tools.wanted_tool(body)) is not None:
-            usage = _usage(prompt_tokens, len(tools.arguments_for(body)) // 4)
+            usage = _usage(prompt_tokens, len(tools.arguments_for(body, tool)) // 4)
             return tools.tool_answer(body, tool, cid, created, model, usage, knobs.ttft)
         if body.get("stream") is True:
             return _stream(

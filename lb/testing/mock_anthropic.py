@@ -50,6 +50,7 @@ from lb.testing.mock import (
     _Knobs,
     _token_text,
 )
+from lb.testing.tools import example
 from lb.upstream.dialects.anthropic import ERROR_STATUS, error_type_for_status
 
 JSON_FRAGMENT = 7  # characters per input_json_delta
@@ -317,26 +318,6 @@ def tool_calls(body: dict[str, Any]) -> list[tuple[str, Any]]:
     if choice.get("disable_parallel_tool_use"):
         names = names[:1]
     return [(name, example(tools[name]["input_schema"])) for name in names]
-
-
-def example(schema: Any) -> Any:
-    """A value that fits a JSON schema's common shapes."""
-    if not isinstance(schema, dict):
-        return "lorem"
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or "properties" in schema:
-        properties = schema.get("properties")
-        if not isinstance(properties, dict):
-            return {}
-        return {name: example(sub) for name, sub in properties.items()}
-    if kind == "array":
-        return [example(schema.get("items"))]
-    scalars: dict[Any, Any] = {"integer": 1, "number": 1.5, "boolean": True, "null": None}
-    return scalars.get(kind, "lorem")
 
 
 def _cut(

@@ -54,6 +54,7 @@ from lb.testing.mock import (
     _Knobs,
     _token_text,
 )
+from lb.testing.tools import example
 
 if TYPE_CHECKING:
     from lb.testing.mock import MockNode
@@ -170,17 +171,6 @@ def _header_int(request: Request, name: bytes, default: int | None) -> int | Non
 # -- tool calls -------------------------------------------------------------------------------
 
 
-def _value(schema: Any) -> Any:
-    kind = schema.get("type") if isinstance(schema, dict) else None
-    if kind == "string":
-        enum = schema.get("enum")
-        return enum[0] if isinstance(enum, list) and enum else "mock"
-    defaults: dict[str, Any] = {
-        "integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {},
-    }
-    return defaults.get(kind) if isinstance(kind, str) else None
-
-
 def _tool_calls(
     request: Request, tools: Any, messages: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -194,11 +184,7 @@ def _tool_calls(
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest("invalid tool: no function name")
-        parameters = function.get("parameters")
-        properties = parameters.get("properties") if isinstance(parameters, dict) else None
-        arguments = {
-            name: _value(schema) for name, schema in (properties or {}).items()
-        } if isinstance(properties, dict) else {}
+        arguments = example(function.get("parameters"))
         calls.append({"function": {"index": index, "name": function["name"],
                                    "arguments": arguments}})
     return calls

@@ -3,8 +3,8 @@ tools is answered with one call to a tool, its arguments streamed in several pie
 servers do, so clients' tool handling is tested end to end. A request whose last message is a
 tool result, or whose tool_choice is "none", gets the ordinary text answer (the loop ends).
 
-The tool is the one `tool_choice` names, else the first offered; its arguments are
-`{"query": <the last user text>, "limit": 3}`.
+The tool is the one `tool_choice` names, else the first offered; its arguments fit the tool's
+parameter schema (`example`), as the Anthropic and Ollama mocks' do.
 """
 
 from __future__ import annotations
@@ -38,14 +38,34 @@ def wanted_tool(body: dict[str, Any]) -> str | None:
     return str(first.get("name")) if isinstance(first, dict) else None
 
 
-def arguments_for(body: dict[str, Any]) -> str:
-    query = ""
-    for message in reversed(body["messages"]):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            query = content if isinstance(content, str) else str(content)
-            break
-    return orjson.dumps({"query": query, "limit": 3}).decode()
+def arguments_for(body: dict[str, Any], name: str) -> str:
+    """Arguments for tool `name` that fit its parameter schema."""
+    for tool in body["tools"]:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and function.get("name") == name:
+            return orjson.dumps(example(function.get("parameters"))).decode()
+    return "{}"
+
+
+def example(schema: Any) -> Any:
+    """A value that fits a JSON schema's common shapes."""
+    if not isinstance(schema, dict):
+        return "lorem"
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        return {name: example(sub) for name, sub in properties.items()}
+    if kind == "array":
+        return [example(schema.get("items"))]
+    scalars: dict[Any, Any] = {"integer": 1, "number": 1.5, "boolean": True, "null": None}
+    return scalars.get(kind, "lorem")
+
 
 
 def tool_answer(
@@ -53,7 +73,7 @@ def tool_answer(
     usage: dict[str, int], ttft: float,
 ) -> Response:
     """The chat answer calling tool `name`: JSON, or a stream (usage when asked for)."""
-    arguments = arguments_for(body)
+    arguments = arguments_for(body, name)
     call_id = f"call_{cid}"
     if body.get("stream") is not True:
         return Response.json({
