@@ -1,0 +1,169 @@
+"""The arithmetic of limits, pure (time is passed in): sliding windows, token buckets, budget
+periods and the figures of OpenAI's rate-limit headers.
+
+Semantics (the README says the same):
+- A per-minute limit L (requests or tokens) is a *sliding* window: the weights admitted in any
+  60-second interval never add up to more than L. A request is admitted when what the window
+  holds plus its own weight fits; what it frees comes back exactly 60 s after it was taken.
+- A burst B (optional, requests only) is a token bucket of B tokens refilled at L/60 per
+  second, taken on top of the window: at most B requests at once, then one every 60/L s, and
+  still never more than L in any minute. Without B a key may spend its whole minute at once.
+- Tokens: the prompt estimate is taken when the request is admitted and replaced by the real
+  usage (prompt + completion) when it ends, so the window may run over L after a long answer;
+  new requests then wait until it is back under.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import re
+from collections import deque
+from datetime import UTC, datetime
+
+import attrs
+
+WINDOW = 60.0  # seconds: RPM and TPM
+
+
+@attrs.define(slots=True, eq=False)
+class Entry:
+    """One admitted weight; kept so the real figure can replace the estimate."""
+
+    at: float
+    weight: float
+
+
+@attrs.define(slots=True, eq=False)
+class SlidingWindow:
+    """At most `limit` weight in any `span`-second interval (exact: one entry per admission)."""
+
+    limit: float
+    span: float = WINDOW
+    entries: deque[Entry] = attrs.field(factory=deque)
+    total: float = 0.0
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.span
+        entries = self.entries
+        while entries and entries[0].at <= horizon:
+            self.total -= entries.popleft().weight
+        if not entries:
+            self.total = 0.0  # no float drift survives an empty window
+
+    def used(self, now: float) -> float:
+        self._expire(now)
+        return self.total
+
+    def fits(self, now: float, weight: float) -> bool:
+        self._expire(now)
+        return self.total + weight <= self.limit
+
+    def take(self, now: float, weight: float) -> Entry:
+        """Record an admission (check `fits` first)."""
+        entry = Entry(now, weight)
+        self.entries.append(entry)
+        self.total += weight
+        return entry
+
+    def adjust(self, entry: Entry, weight: float, now: float) -> None:
+        """Replace an admission's weight with the real figure, if it is still in the window."""
+        if entry.at > now - self.span:
+            self.total += weight - entry.weight
+        entry.weight = weight
+
+    def retry_after(self, now: float, weight: float) -> float:
+        """Seconds until `weight` fits (the span itself if it never can)."""
+        self._expire(now)
+        if weight > self.limit:
+            return self.span
+        excess = self.total + weight - self.limit
+        if excess <= 0:
+            return 0.0
+        for entry in self.entries:
+            excess -= entry.weight
+            if excess <= 0:
+                return entry.at + self.span - now
+        return self.span
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the window frees its oldest admission (0 when empty)."""
+        self._expire(now)
+        return self.entries[0].at + self.span - now if self.entries else 0.0
+
+
+@attrs.define(slots=True, eq=False)
+class TokenBucket:
+    """`capacity` tokens, refilled continuously at `rate` per second; starts full."""
+
+    capacity: float
+    rate: float
+    level: float = attrs.field()
+    last: float = 0.0
+
+    @level.default
+    def _full(self) -> float:
+        return self.capacity
+
+    def refill(self, now: float) -> float:
+        if now > self.last:
+            self.level = min(self.capacity, self.level + (now - self.last) * self.rate)
+            self.last = now
+        return self.level
+
+    def fits(self, now: float, weight: float = 1.0) -> bool:
+        return self.refill(now) >= weight
+
+    def take(self, now: float, weight: float = 1.0) -> None:
+        self.refill(now)
+        self.level -= weight
+
+    def retry_after(self, now: float, weight: float = 1.0) -> float:
+        missing = weight - self.refill(now)
+        if missing <= 0:
+            return 0.0
+        return missing / self.rate if self.rate > 0 else math.inf
+
+
+# --- budget periods ----------------------------------------------------------------------
+
+_DURATION = re.compile(r"\s*(\d+)\s*(mo|s|m|h|d|w)\s*")
+_UNIT_SECS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> tuple[int, str]:
+    """LiteLLM's `budget_duration`: `30s`, `10m`, `24h`, `30d`, `1w`, `1mo` -> (n, unit)."""
+    match = _DURATION.fullmatch(text)
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError(
+            f"{text!r} is not a duration: a whole number > 0 and s, m, h, d, w or mo"
+        )
+    return int(match.group(1)), match.group(2)
+
+
+def add_duration(start: float, duration: tuple[int, str]) -> float:
+    """`start` (Unix seconds) plus the duration; months are calendar months, UTC, the day
+    clamped to the month's last (31 Jan + 1mo = 28/29 Feb)."""
+    count, unit = duration
+    if unit != "mo":
+        return start + count * _UNIT_SECS[unit]
+    when = datetime.fromtimestamp(start, UTC)
+    months = when.month - 1 + count
+    year, month = when.year + months // 12, months % 12 + 1
+    day = min(when.day, calendar.monthrange(year, month)[1])
+    return when.replace(year=year, month=month, day=day).timestamp()
+
+
+def next_reset(reset_at: float, duration: tuple[int, str], now: float) -> float:
+    """The first period end after `now`, counting whole periods from `reset_at`."""
+    while reset_at <= now:
+        reset_at = add_duration(reset_at, duration)
+    return reset_at
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's `x-ratelimit-reset-*` form: `1s`, `6m0s`, `0.5s`."""
+    seconds = max(0.0, seconds)
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
