@@ -25,7 +25,7 @@ gaps = st.lists(
 
 def _admitted(limit: int, steps: list[tuple[float, int]], span: float) -> list[tuple[float, int]]:
     window = SlidingWindow(limit, span)
-    now, taken = 0.0, []
+    now, taken = 0.0, list[tuple[float, int]]()
     for gap, weight in steps:
         now += gap
         if window.fits(now, weight):
@@ -48,7 +48,7 @@ def test_a_window_never_admits_more_than_its_limit_in_any_interval(
 def test_a_window_admits_whatever_fits(limit: int, steps: list[tuple[float, int]]) -> None:
     """Never fewer: a request is refused only when the last 60 s plus it exceed the limit."""
     window = SlidingWindow(limit)
-    now, taken = 0.0, []
+    now, taken = 0.0, list[tuple[float, int]]()
     for gap, weight in steps:
         now += gap
         inside = sum(w for at, w in taken if now - 60 < at <= now)
@@ -63,7 +63,7 @@ def test_retry_after_is_exactly_when_the_request_fits(
     limit: int, steps: list[tuple[float, int]]
 ) -> None:
     window = SlidingWindow(limit)
-    now, taken = 0.0, []
+    now, taken = 0.0, list[tuple[float, int]]()
 
     def fits(at: float, weight: int) -> bool:
         return sum(w for t, w in taken if at - 60 < t <= at) + weight <= limit
@@ -100,7 +100,7 @@ def test_a_bucket_admits_at_most_capacity_plus_rate_times_the_interval(
     capacity: float, rate: float, steps: list[tuple[float, int]]
 ) -> None:
     bucket = TokenBucket(capacity, rate)
-    now, taken = 0.0, []
+    now, taken = 0.0, list[float]()
     for gap, _ in steps:
         now += gap
         if bucket.fits(now):
@@ -132,7 +132,7 @@ def test_rpm_with_a_burst_keeps_both_limits(
     rpm: int, burst: int, steps: list[tuple[float, int]]
 ) -> None:
     counters = _counters(Limits(rpm=rpm, burst=burst))
-    now, taken = 0.0, []
+    now, taken = 0.0, list[float]()
     for gap, _ in steps:
         now += gap / 10
         if isinstance(counters.admit(now, 0), Ticket):
