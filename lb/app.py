@@ -16,7 +16,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, debug, health, metrics, nodes, proxy, stats
+from lb.api import admin, debug, health, keys, metrics, nodes, proxy, stats
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -38,6 +38,7 @@ from lb.supervise import ServiceStats, supervise
 
 if TYPE_CHECKING:
     from lb.cluster.fleet import Fleet
+    from lb.policy.gate import Gate
 
 log = logging.getLogger("lb")
 
@@ -134,6 +135,21 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
     )
 
 
+def build_gate(settings: Settings, registry: Registry) -> Gate | None:
+    """API keys, limits and spend: only with a master key (else nothing on the request path)."""
+    if not settings.master_key:
+        return None
+    from lb.policy.gate import Gate
+    from lb.policy.prices import node_label_prices
+    from lb.policy.store import SqliteStore
+
+    def labels_of(key: str) -> Mapping[str, str] | None:
+        node = registry.nodes.get(key)
+        return None if node is None else node.config.labels
+
+    return Gate(settings.master_key, SqliteStore(settings.data_dir), node_label_prices(labels_of))
+
+
 def build_router(
     settings: Settings,
     registry: Registry,
@@ -141,6 +157,7 @@ def build_router(
     services: Mapping[str, ServiceStats] | None = None,
     scan: scanner.ScanState | None = None,
     fleet: Fleet | None = None,
+    gate: Gate | None = None,
 ) -> Router:
     async def change_prefs(prefs: Prefs) -> bool:
         registry.set_prefs(prefs)
@@ -152,6 +169,10 @@ def build_router(
     latency = LatencyTracker()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
     observers: list[RequestObserver] = [counters, routing_stats, latency, AccessLog()]
+    if gate is not None:
+        observers.append(gate)  # settles each request's key: tokens, parallel slot, spend
+    # The master key opens the admin endpoints and the views of the topology too.
+    admin_key: admin.AdminKey = tuple(k for k in (settings.admin_key, settings.master_key) if k)
     if settings.metrics:
         request_metrics = Metrics(settings.sentinels)
         observers.append(request_metrics)
@@ -162,22 +183,23 @@ def build_router(
     health.add_routes(router, lambda: server.draining)
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
-        admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
+        admin_key=admin_key, model_grace=settings.model_grace, counters=counters,
     )
     debug.add_routes(
-        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key
+        router, registry, services or {}, scan or scanner.ScanState(), admin_key
     )
     admin.add_routes(
-        router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
+        router, admin_key=admin_key, get_prefs=lambda: registry.prefs,
         change_prefs=change_prefs,
     )
     stats.add_routes(
         router, registry, routing_stats,
         strategy=strategies.parse_strategy(settings.routing_strategy).value,
-        admin_key=settings.admin_key,
+        admin_key=admin_key,
     )
     dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
-    proxy.add_routes(router, dispatcher)
+    proxy.add_routes(router, dispatcher, gate)
+    keys.add_routes(router, gate)
     return router
 
 
@@ -222,10 +244,14 @@ async def serve(
             ),
             services["scanner"],
         )
+        gate = build_gate(settings, registry)
+        if gate is not None:
+            services["policy"] = ServiceStats()
+            root.start_soon(supervise, "policy", gate.run, services["policy"])
         server = HTTPServer(
             Router(), server_limits(settings), CorsPolicy.from_setting(settings.cors_origins)
         )
-        server.handler = build_router(settings, registry, server, services, scan, fleet)
+        server.handler = build_router(settings, registry, server, services, scan, fleet, gate)
         # Everything made so far (modules, settings, the registry) lives as long as lb does:
         # keep it out of the collector's full passes, which requests would otherwise pay for
         # (collected first, so no garbage is kept for good).
@@ -255,6 +281,9 @@ async def serve(
             shown = f"[{settings.host}]" if ":" in settings.host else settings.host
             print(f"lb listening on http://{shown}:{port}", flush=True)
             task_status.started(port)
+        if gate is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await gate.flush()  # what finished reaches the store before lb exits
         if fleet is not None:
             await fleet.leave()  # the fleet need not wait for our heartbeat to expire
             fleet.store.close()

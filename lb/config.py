@@ -366,6 +366,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_sync_secs", "REDIS_SYNC_SECS", _positive_seconds,
             "How often an instance syncs with the fleet"),
     Setting("admin_key", "LB_ADMIN_KEY", _text, "Bearer key of /v1/admin (empty: disabled)"),
+    Setting("master_key", "LB_MASTER_KEY", _text,
+            "Turns API keys on: every request needs this key or a virtual key (also "
+            "LITELLM_MASTER_KEY, or general_settings.master_key in YAML)"),
+    Setting("data_dir", "LB_DATA_DIR", _text,
+            "Folder of lb's SQLite file (keys, spend); default: the user's data folder"),
     Setting("cors_origins", "LB_CORS_ORIGINS", _names,
             "Origins browsers may call lb from: a comma list, or * (empty: no CORS)"),
     Setting("metrics", "LB_METRICS", _bool, "Count requests for /metrics (off: no /metrics)"),
@@ -426,6 +431,8 @@ class Settings:
     redis_prefix: str = "lb:"
     redis_sync_secs: float = 0.5
     admin_key: str = ""
+    master_key: str = ""
+    data_dir: str = ""
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True
     metrics_key: str = ""
@@ -489,10 +496,20 @@ def load_settings(
     values: dict[str, Any] = {}
     if config_file:
         for key, value in read_yaml(config_file).items():
+            if key == "general_settings" and isinstance(value, dict):  # a LiteLLM config
+                if value.get("master_key"):
+                    values["master_key"] = _parse(
+                        _BY_NAME["master_key"], value["master_key"], f"config file {config_file}"
+                    )
+                continue
             setting = _BY_NAME.get(str(key))
             if setting is None:
                 raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
             values[setting.name] = _parse(setting, value, f"config file {config_file}")
+    if env and env.get("LITELLM_MASTER_KEY") and not env.get("LB_MASTER_KEY"):
+        values["master_key"] = _parse(
+            _BY_NAME["master_key"], env["LITELLM_MASTER_KEY"], "environment"
+        )
     for setting in SETTINGS:
         if env and setting.env and env.get(setting.env) not in (None, ""):
             values[setting.name] = _parse(setting, env[setting.env], "environment")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import trio
 
-from lb.api.admin import require_admin_if_set
+from lb.api.admin import AdminKey, require_admin_if_set
 from lb.api.nodes import model_param
 from lb.cluster.registry import Registry
 from lb.cluster.scanner import ScanState
@@ -21,7 +21,7 @@ def add_routes(
     registry: Registry,
     services: Mapping[str, ServiceStats],
     scan: ScanState,
-    admin_key: str = "",
+    admin_key: AdminKey = "",
 ) -> None:
     async def eligible(request: Request) -> Response:
         require_admin_if_set(request, admin_key)

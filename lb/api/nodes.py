@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import trio
 
-from lb.api.admin import require_admin_if_set
+from lb.api.admin import AdminKey, require_admin_if_set
 from lb.cluster.node import Node
 from lb.cluster.registry import Registry
 from lb.errors import BadRequest, ModelNotFound
@@ -56,7 +56,7 @@ def add_routes(
     registry: Registry,
     min_healthy: int,
     fleet_status: Callable[[], dict[str, object]] | None = None,
-    admin_key: str = "",
+    admin_key: AdminKey = "",
     model_grace: float = 600.0,
     counters: NodeCounters | None = None,
 ) -> None:

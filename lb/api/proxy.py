@@ -20,6 +20,7 @@ from lb.http.errors import stream_error
 from lb.http.routes import Router
 from lb.http.types import ClientGone, Headers, Request, Response, ResponseSink
 from lb.obs.observer import RequestObserver, Trace
+from lb.policy.gate import Gate, estimate_tokens
 from lb.routing.dispatch import HOP_BY_HOP, Dispatcher
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind
@@ -188,6 +189,10 @@ async def answer(
 ) -> None:
     """Dispatch, and end a stream that broke after its head went out with the error event.
     However it ends, the observers hear of it once."""
+    admission = trace.admission
+    if admission is not None:
+        for name, value in admission.headers:  # the key's x-ratelimit-*, on whatever answer
+            sink.tag(name, value)
     try:
         await dispatcher.execute(intent, sink, trace)
     except LBError as exc:
@@ -210,7 +215,8 @@ def _finish(observer: RequestObserver, trace: Trace) -> None:
     observer.finished(trace)
 
 
-def add_routes(router: Router, dispatcher: Dispatcher) -> None:
+def add_routes(router: Router, dispatcher: Dispatcher, gate: Gate | None = None) -> None:
+    """The OpenAI edge; with `gate` (keys on) every request needs a key, checked first."""
     observer = dispatcher.observer
     for path, (kind, required) in _ENDPOINTS.items():
 
@@ -223,14 +229,23 @@ def add_routes(router: Router, dispatcher: Dispatcher) -> None:
             )
             observer.started(trace)
             try:
+                record = await gate.identify(request) if gate is not None else None
                 body = parse_body(request.body)
                 stream = validate(body, kind, required)
                 trace.stream, trace.requested_model = stream, body["model"]
+                if gate is not None:
+                    trace.admission = await gate.admit(
+                        record, body["model"], estimate_tokens(request.body)
+                    )
                 intent = route_request(
                     request, kind, body, stream, trace.arrival, dispatcher.allowed
                 )
             except LBError as exc:  # answered by the server before anything was routed
                 trace.status, trace.error = exc.status, exc.code
+                _finish(observer, trace)
+                raise
+            except trio.Cancelled:  # the client left while its key was being looked up
+                trace.status, trace.client_gone = CLIENT_CLOSED, True
                 _finish(observer, trace)
                 raise
             return Response(stream=functools.partial(answer, dispatcher, intent, trace))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import trio
 
-from lb.api.admin import require_admin_if_set
+from lb.api.admin import AdminKey, require_admin_if_set
 from lb.cluster.registry import Registry
 from lb.http.routes import Router
 from lb.http.types import Request, Response
@@ -21,7 +21,7 @@ def add_routes(
     stats: RoutingStats,
     *,
     strategy: str,
-    admin_key: str = "",
+    admin_key: AdminKey = "",
 ) -> None:
     async def routing_stats(request: Request) -> Response:
         require_admin_if_set(request, admin_key)

@@ -1,0 +1,330 @@
+"""The policy gate: which key a request carries, whether it may go (401/403/402/429), and what
+it cost once it ended.
+
+Both dialects' edges call it before routing: `identify(request)` (the key, from
+`Authorization: Bearer` or, on the Anthropic edge, `x-api-key`), then `admit(record, model,
+estimate)`, which returns an `Admission` to put on the request's `Trace`. The gate is also a
+`RequestObserver`: when the request finishes it settles the admission — the real tokens replace
+the estimate in the key's TPM window, the parallel slot frees, and usage x price is added to the
+key's spend. Only built when a master key is set: with keys off the request path never sees it.
+
+Key records are cached in memory; a background task flushes spend to the store every
+`SPEND_FLUSH_SECS` and polls the store's version counter every `VERSION_POLL_SECS`, so a key
+revoked on any instance stops working everywhere within a second.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from lb.errors import Forbidden, PaymentRequired, RateLimitExceeded, Unauthorized
+from lb.obs.observer import Observer, Trace
+from lb.policy import keys
+from lb.policy.counters import KeyCounters, Limits, Refusal, Ticket
+from lb.policy.keys import KeyRecord
+from lb.policy.prices import Prices, cost
+from lb.policy.store import SpendRecord
+
+if TYPE_CHECKING:
+    from lb.http.types import Request
+    from lb.policy.fleet import FleetLimits
+
+log = logging.getLogger("lb.policy")
+
+SPEND_FLUSH_SECS = 1.0  # spend reaches the store this often (lost on kill -9: at most this)
+VERSION_POLL_SECS = 0.5  # a key changed elsewhere is seen within this (+ one store call)
+_CACHE_MAX = 10_000  # cached lookups, unknown keys included; cleared when full
+_BYTES_PER_TOKEN = 4  # the prompt estimate admitted up front: request bytes / 4
+
+
+class KeyStore(Protocol):
+    """Where keys and spend live: SQLite (`store.SqliteStore`) or the fleet's Redis."""
+
+    async def get(self, token: str) -> KeyRecord | None: ...
+    async def find_alias(self, alias: str) -> KeyRecord | None: ...
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def put(self, record: KeyRecord) -> None: ...
+    async def delete(self, tokens: Sequence[str]) -> list[str]: ...
+    async def version(self) -> int: ...
+    async def add_spend(self, records: Sequence[SpendRecord]) -> None: ...
+    async def spend_logs(self, token: str | None = None, limit: int = 100
+                         ) -> list[dict[str, Any]]: ...
+    async def spend_daily(self, token: str | None = None) -> list[dict[str, Any]]: ...
+
+
+def estimate_tokens(body: bytes) -> int:
+    """The prompt tokens admitted before the real usage is known."""
+    return len(body) // _BYTES_PER_TOKEN + 1
+
+
+def presented_key(request: Request, header: bytes = b"authorization") -> str | None:
+    """The key a request carries: `Authorization: Bearer <key>`, or the raw value of `header`
+    (the Anthropic edge's `x-api-key`), which wins when both are given."""
+    if header != b"authorization":
+        raw = request.header(header)
+        if raw:
+            return raw.decode("latin-1").strip() or None
+    raw = request.header(b"authorization")
+    if not raw:
+        return None
+    scheme, _, token = raw.decode("latin-1").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+@attrs.define(slots=True, eq=False)
+class Admission:
+    """A request's hold on its key's limits, from admission until `settle`."""
+
+    gate: Gate
+    record: KeyRecord | None  # None: the master key (no limits, no spend)
+    ticket: Ticket | None = None
+    headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)  # x-ratelimit-*
+    limits: Limits | None = None  # the limits it was admitted under (a share, Redis down)
+    fleet: bool = False  # admitted by the fleet's Redis
+    done: bool = False
+
+    def settle(self, trace: Trace) -> None:
+        if not self.done:
+            self.done = True
+            self.gate.settle(self, trace)
+
+
+class Gate(Observer):
+    def __init__(
+        self, master_key: str, store: KeyStore, prices: Prices, *,
+        fleet: FleetLimits | None = None, wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._master = master_key.encode()
+        self.store = store
+        self.prices = prices
+        self.fleet = fleet
+        self.wall = wall
+        self._records: dict[str, KeyRecord | None] = {}
+        self._version: int | None = None
+        self._counters: dict[str, KeyCounters] = {}
+        self._pending: dict[str, float] = {}  # spend not yet flushed, per key
+        self._queue: list[SpendRecord] = []
+
+    # --- identify and admit ---
+
+    def is_master(self, key: str) -> bool:
+        return hmac.compare_digest(key.encode(), self._master)
+
+    async def identify(
+        self, request: Request, header: bytes = b"authorization"
+    ) -> KeyRecord | None:
+        """The request's key record (None for the master key); 401 for none, unknown, expired."""
+        key = presented_key(request, header)
+        if key is None:
+            raise Unauthorized(
+                "Missing API key: send 'Authorization: Bearer <key>'"
+                + (" or 'x-api-key: <key>'" if header == b"x-api-key" else "")
+            )
+        if self.is_master(key):
+            return None
+        record = await self.lookup(keys.hash_key(key))
+        if record is None:
+            raise Unauthorized("Invalid API key")
+        if record.expired(self.wall()):
+            raise Unauthorized("API key expired", code="expired_key")
+        return record
+
+    async def lookup(self, token: str) -> KeyRecord | None:
+        try:
+            return self._records[token]
+        except KeyError:
+            pass
+        record = await self.store.get(token)
+        if len(self._records) >= _CACHE_MAX:
+            self._records.clear()
+        self._records[token] = record
+        return record
+
+    async def admit(self, record: KeyRecord | None, model: str, estimate: int) -> Admission:
+        """403 for a model the key may not use, 402 once its budget is spent, 429 over a limit;
+        else the admission (with the x-ratelimit-* headers for the answer)."""
+        if record is None:
+            return Admission(self, None)
+        if not record.allows(model):
+            raise Forbidden(
+                f"This key may not use model {model!r}; it may use: {', '.join(record.models)}",
+                code="model_not_allowed", param="model",
+            )
+        if record.max_budget is not None and self.spent(record) >= record.max_budget:
+            raise PaymentRequired(
+                f"Budget exhausted: spent ${self.spent(record):.6f} of ${record.max_budget:g}"
+                + (f" this {record.budget_duration} period" if record.budget_duration else ""),
+            )
+        limits = record.limits
+        if not limits.any:
+            return Admission(self, record)
+        if self.fleet is not None and self.fleet.up:
+            result = await self.fleet.admit(record.token, limits, estimate)
+            if result is not None:
+                return self._admitted(record, result, limits, fleet=True)
+            limits = limits.share(self.fleet.instances)  # Redis went down: our share
+        elif self.fleet is not None:
+            limits = limits.share(self.fleet.instances)
+        counters = self._counters.get(record.token)
+        if counters is None:
+            counters = self._counters[record.token] = KeyCounters()
+        now = trio.current_time()
+        counters.configure(limits, now)
+        return self._admitted(record, counters.admit(now, estimate), limits, fleet=False)
+
+    def _admitted(
+        self, record: KeyRecord, result: Ticket | Refusal, limits: Limits, *, fleet: bool
+    ) -> Admission:
+        if isinstance(result, Refusal):
+            per = {"requests": ("requests per minute", limits.rpm),
+                   "tokens": ("tokens per minute", limits.tpm),
+                   "parallel": ("parallel requests", limits.parallel)}[result.limit]
+            raise RateLimitExceeded(
+                f"Rate limit exceeded for this key: {per[1]} {per[0]}; "
+                f"retry after {math.ceil(result.retry_after)}s",
+                retry_after=result.retry_after, headers=tuple(result.figures.headers()),
+            )
+        return Admission(self, record, result, result.figures.headers(), limits, fleet)
+
+    def spent(self, record: KeyRecord) -> float:
+        """The key's spend in its current budget period (flushed + not yet flushed)."""
+        _, new_period = keys.current_period(record, self.wall())
+        return (0.0 if new_period else record.spend) + self._pending.get(record.token, 0.0)
+
+    # --- settle (an observer: the request finished) ---
+
+    def finished(self, trace: Trace) -> None:
+        admission = trace.admission
+        if admission is not None:
+            admission.settle(trace)
+
+    def settle(self, admission: Admission, trace: Trace) -> None:
+        record, ticket = admission.record, admission.ticket
+        if record is None:
+            return
+        prompt, completion = trace.prompt_tokens, trace.completion_tokens
+        used = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
+        if ticket is not None:
+            if admission.fleet and self.fleet is not None:
+                self.fleet.settle(record.token, ticket, used)
+            else:
+                counters = self._counters.get(record.token)
+                if counters is not None:
+                    counters.settle(ticket, used, trio.current_time())
+        if used is None:
+            return
+        model, node = trace.model or trace.requested_model, trace.node or ""
+        spend = cost(self.prices(model, node), prompt or 0, completion or 0)
+        self._pending[record.token] = self._pending.get(record.token, 0.0) + spend
+        self._queue.append(SpendRecord(
+            record.token, trace.request_id, model, node, prompt or 0, completion or 0, spend,
+            self.wall(),
+        ))
+        if self.fleet is not None:
+            self.fleet.add_spend(record.token, spend)
+
+    # --- background: flush spend, notice changed keys ---
+
+    async def run(self) -> None:
+        flush_at = trio.current_time() + SPEND_FLUSH_SECS
+        while True:
+            await trio.sleep(VERSION_POLL_SECS)
+            if trio.current_time() >= flush_at:
+                await self.flush()
+                flush_at = trio.current_time() + SPEND_FLUSH_SECS
+            await self.refresh()
+
+    async def flush(self) -> None:
+        """Write the spend of finished requests to the store (one transaction)."""
+        if not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        try:
+            await self.store.add_spend(batch)
+        except BaseException:
+            self._queue[:0] = batch  # tried again at the next flush
+            raise
+        flushed: dict[str, float] = {}
+        for rec in batch:
+            flushed[rec.token] = flushed.get(rec.token, 0.0) + rec.spend
+        for token, amount in flushed.items():
+            left = self._pending.get(token, 0.0) - amount
+            if left > 1e-12:
+                self._pending[token] = left
+            else:
+                self._pending.pop(token, None)
+        self._records.clear()  # reloaded with the store's spend (and any change of period)
+
+    async def refresh(self) -> None:
+        version = await self.store.version()
+        if version != self._version:
+            self._version = version
+            self._records.clear()
+
+    def forget(self) -> None:
+        """A key changed here: drop cached lookups now (other instances poll the version)."""
+        self._records.clear()
+
+    # --- the admin API's operations ---
+
+    async def create(self, body: dict[str, Any]) -> tuple[str, KeyRecord]:
+        key = body.get("key")
+        if key is not None and (not isinstance(key, str) or len(key) < 8):
+            raise ValueError("'key' must be text of at least 8 characters")
+        key = key or keys.new_key()
+        if self.is_master(key):
+            raise ValueError("'key' may not be the master key")
+        record = keys.make(body, key, self.wall())
+        if await self.store.get(record.token) is not None:
+            raise ValueError("that key exists already")
+        await self._alias_free(record)
+        await self.store.put(record)
+        self.forget()
+        return key, record
+
+    async def update(self, token: str, body: dict[str, Any]) -> KeyRecord | None:
+        record = await self.store.get(token)
+        if record is None:
+            return None
+        changed = keys.update(record, body, self.wall())
+        await self._alias_free(changed)
+        await self.store.put(changed)
+        self.forget()
+        return changed
+
+    async def _alias_free(self, record: KeyRecord) -> None:
+        if record.key_alias:
+            other = await self.store.find_alias(record.key_alias)
+            if other is not None and other.token != record.token:
+                raise ValueError(f"key_alias {record.key_alias!r} is taken")
+
+    async def delete(self, tokens: Sequence[str]) -> list[str]:
+        gone = await self.store.delete(tokens)
+        self.forget()
+        for token in gone:
+            self._counters.pop(token, None)
+        return gone
+
+    async def info(self, token: str) -> KeyRecord | None:
+        record = await self.store.get(token)
+        if record is None:
+            return None
+        return attrs.evolve(record, spend=self.spent(record))
+
+    async def resolve(self, key_or_alias: str) -> str:
+        """A key, its token or its alias -> its token (the token of nothing if unknown)."""
+        token = keys.hash_key(key_or_alias)
+        if await self.store.get(token) is None:
+            other = await self.store.find_alias(key_or_alias)
+            if other is not None:
+                return other.token
+        return token
