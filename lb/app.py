@@ -135,8 +135,9 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
     )
 
 
-def build_gate(settings: Settings, registry: Registry) -> Gate | None:
-    """API keys, limits and spend: only with a master key (else nothing on the request path)."""
+def build_gate(settings: Settings, registry: Registry, fleet: Fleet | None = None) -> Gate | None:
+    """API keys, limits and spend: only with a master key (else nothing on the request path).
+    Keys and spend in SQLite; with a fleet, in its Redis, and limits exact fleet-wide."""
     if not settings.master_key:
         return None
     from lb.policy.gate import Gate
@@ -147,7 +148,14 @@ def build_gate(settings: Settings, registry: Registry) -> Gate | None:
         node = registry.nodes.get(key)
         return None if node is None else node.config.labels
 
-    return Gate(settings.master_key, SqliteStore(settings.data_dir), node_label_prices(labels_of))
+    prices = node_label_prices(labels_of)
+    if fleet is None or settings.redis_address is None:
+        return Gate(settings.master_key, SqliteStore(settings.data_dir), prices)
+    from lb.policy.fleet import FleetLimits, RedisKeyStore
+
+    url, prefix = settings.redis_address, settings.redis_prefix
+    limits = FleetLimits(url, prefix, lambda: len(fleet.instances))
+    return Gate(settings.master_key, RedisKeyStore(url, prefix), prices, fleet=limits)
 
 
 def build_router(
@@ -181,8 +189,12 @@ def build_router(
             settings.metrics_key,
         )
     health.add_routes(router, lambda: server.draining)
+    fleet_status = fleet.status if fleet else None
+    if fleet is not None and gate is not None and gate.fleet is not None:
+        limits = gate.fleet
+        fleet_status = lambda: {**fleet.status(), **limits.status()}  # noqa: E731
     nodes.add_routes(
-        router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
+        router, registry, settings.min_healthy_nodes, fleet_status,
         admin_key=admin_key, model_grace=settings.model_grace, counters=counters,
     )
     debug.add_routes(
@@ -244,7 +256,7 @@ async def serve(
             ),
             services["scanner"],
         )
-        gate = build_gate(settings, registry)
+        gate = build_gate(settings, registry, fleet)
         if gate is not None:
             services["policy"] = ServiceStats()
             root.start_soon(supervise, "policy", gate.run, services["policy"])

@@ -76,6 +76,7 @@ class Ticket:
     figures: Figures
     tokens: Entry | None = None
     parallel: bool = False
+    ref: str | None = None  # the fleet's id of the admission (in Redis), if it made it
 
 
 @attrs.define(slots=True, eq=False)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from lb.errors import Forbidden, PaymentRequired, RateLimitExceeded, Unauthorized
+from lb.errors import Forbidden, LBError, PaymentRequired, RateLimitExceeded, Unauthorized
 from lb.obs.observer import Observer, Trace
 from lb.policy import keys
 from lb.policy.counters import KeyCounters, Limits, Refusal, Ticket
@@ -109,6 +109,8 @@ class Gate(Observer):
         self.fleet = fleet
         self.wall = wall
         self._records: dict[str, KeyRecord | None] = {}
+        # The last record read of each key, for when the store cannot be reached (Redis down).
+        self._known: dict[str, KeyRecord | None] = {}
         self._version: int | None = None
         self._counters: dict[str, KeyCounters] = {}
         self._pending: dict[str, float] = {}  # spend not yet flushed, per key
@@ -143,10 +145,19 @@ class Gate(Observer):
             return self._records[token]
         except KeyError:
             pass
-        record = await self.store.get(token)
+        try:
+            record = await self.store.get(token)
+        except Exception as exc:  # the store is down: what we knew, or 503 (never 500)
+            if token in self._known:
+                return self._known[token]
+            log.warning("key store unavailable: %s", exc)
+            raise LBError("The key store is unavailable; try again", status=503,
+                          code="key_store_unavailable", retry_after=1) from None
         if len(self._records) >= _CACHE_MAX:
             self._records.clear()
-        self._records[token] = record
+        if len(self._known) >= _CACHE_MAX:
+            self._known.clear()
+        self._records[token] = self._known[token] = record
         return record
 
     async def admit(self, record: KeyRecord | None, model: str, estimate: int) -> Admission:
@@ -229,19 +240,33 @@ class Gate(Observer):
             record.token, trace.request_id, model, node, prompt or 0, completion or 0, spend,
             self.wall(),
         ))
-        if self.fleet is not None:
-            self.fleet.add_spend(record.token, spend)
 
     # --- background: flush spend, notice changed keys ---
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.fleet is not None:
+                nursery.start_soon(self.fleet.run)
+            await self._maintain()
+
+    async def _maintain(self) -> None:
         flush_at = trio.current_time() + SPEND_FLUSH_SECS
+        failing = False
         while True:
             await trio.sleep(VERSION_POLL_SECS)
-            if trio.current_time() >= flush_at:
-                await self.flush()
-                flush_at = trio.current_time() + SPEND_FLUSH_SECS
-            await self.refresh()
+            try:
+                if trio.current_time() >= flush_at:
+                    await self.flush()  # kept and tried again if the store is down
+                    flush_at = trio.current_time() + SPEND_FLUSH_SECS
+                await self.refresh()
+            except Exception as exc:  # the store is away (Redis down): go on with the cache
+                if not failing:
+                    log.warning("key store unavailable, serving from the cache: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("key store reachable again")
+                failing = False
 
     async def flush(self) -> None:
         """Write the spend of finished requests to the store (one transaction)."""
@@ -269,10 +294,12 @@ class Gate(Observer):
         if version != self._version:
             self._version = version
             self._records.clear()
+            self._known.clear()
 
     def forget(self) -> None:
         """A key changed here: drop cached lookups now (other instances poll the version)."""
         self._records.clear()
+        self._known.clear()
 
     # --- the admin API's operations ---
 

@@ -156,7 +156,11 @@ def add_duration(start: float, duration: tuple[int, str]) -> float:
 
 def next_reset(reset_at: float, duration: tuple[int, str], now: float) -> float:
     """The first period end after `now`, counting whole periods from `reset_at`."""
-    while reset_at <= now:
+    count, unit = duration
+    if unit != "mo" and reset_at <= now:  # skip the whole periods at once
+        step = count * _UNIT_SECS[unit]
+        reset_at += (math.floor((now - reset_at) / step) + 1) * step
+    while reset_at <= now:  # months (or float rounding): one period at a time
         reset_at = add_duration(reset_at, duration)
     return reset_at
 
