@@ -337,3 +337,22 @@ async def test_keys_off_the_admin_api_says_so(nursery: trio.Nursery) -> None:
             assert answer.status_code == 403
             assert answer.json()["error"]["code"] == "keys_disabled"
         assert (await chat(lb, "anything")).choices
+
+
+async def test_the_clients_key_never_reaches_the_node(nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await keyed_lb(nursery, [node])
+        key = (await generate(lb))["key"]
+        await chat(lb, key)
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"{lb.url}/v1/chat/completions",
+                                     headers={"authorization": f"Bearer {key}", "x-api-key": key},
+                                     json={"model": MODEL, **CHAT})
+            assert answer.status_code == 200
+        seen = [r for r in await node.requests() if r["path"] == "/v1/chat/completions"]
+        assert len(seen) == 2
+        for request in seen:
+            assert "authorization" not in request["headers"]
+            assert "x-api-key" not in request["headers"]
+            assert key not in str(request)

@@ -38,6 +38,8 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
 # JSON); compressed answers could not be spliced; lb sends its own x-request-id; a browser's
 # cookies for lb's origin are none of a node's business.
 _NOT_TO_NODE = HOP_BY_HOP | {b"accept-encoding", b"content-type", b"x-request-id", b"cookie"}
+# With API keys on, the client's key is lb's business, never the node's.
+_NOT_TO_NODE_KEYED = _NOT_TO_NODE | {b"authorization", b"x-api-key"}
 _JSON = (b"content-type", b"application/json")
 CLIENT_CLOSED = 499  # the status nginx logs for a client that left before its answer
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -82,7 +84,7 @@ def validate(body: dict[str, Any], kind: ModelKind, required: str) -> bool:
 
 def route_request(
     request: Request, kind: ModelKind, body: dict[str, Any], stream: bool, arrival: float,
-    allowed: frozenset[Strategy] = ALL_STRATEGIES,
+    allowed: frozenset[Strategy] = ALL_STRATEGIES, keyed: bool = False,
 ) -> RouteRequest:
     """The HTTP request as routing sees it; the client may choose a strategy of `allowed`."""
     session = request.header(b"x-session-id")
@@ -127,7 +129,7 @@ def route_request(
         node=forced or None,
         prefer_small=request.header(b"x-prefer-small") in (b"1", b"true"),
         strategy=strategy,
-        headers=node_headers(request),
+        headers=node_headers(request, keyed),
     )
 
 
@@ -152,11 +154,11 @@ def _names(allowed: frozenset[Strategy]) -> str:
     return ", ".join(s.value.lower() for s in Strategy if s in allowed)
 
 
-def node_headers(request: Request) -> Headers:
+def node_headers(request: Request, keyed: bool = False) -> Headers:
     """The client's end-to-end headers, plus lb's content type and the request id when it is a
     UUID (lb's own are). Headers the client's `Connection` header names are hop-by-hop too
-    (RFC 9110 §7.6.1)."""
-    dropped = _NOT_TO_NODE
+    (RFC 9110 §7.6.1). `keyed` (API keys on): the client's key is not sent on."""
+    dropped = _NOT_TO_NODE_KEYED if keyed else _NOT_TO_NODE
     for key, value in request.headers:
         if key == b"connection":
             named = {token.strip().lower() for token in value.split(b",")}
@@ -238,7 +240,8 @@ def add_routes(router: Router, dispatcher: Dispatcher, gate: Gate | None = None)
                         record, body["model"], estimate_tokens(request.body)
                     )
                 intent = route_request(
-                    request, kind, body, stream, trace.arrival, dispatcher.allowed
+                    request, kind, body, stream, trace.arrival, dispatcher.allowed,
+                    keyed=gate is not None,
                 )
             except LBError as exc:  # answered by the server before anything was routed
                 trace.status, trace.error = exc.status, exc.code
