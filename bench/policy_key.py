@@ -25,7 +25,7 @@ def main() -> None:
     store = SqliteStore(args.data_dir)
     fields = {"rpm_limit": args.rpm, "tpm_limit": args.tpm}
     record = keys.make({k: v for k, v in fields.items() if v is not None}, args.key, time.time())
-    store._put(record)  # noqa: SLF001  (sync: no trio loop here)
+    store._put(record)
     store.close()
 
 

@@ -196,6 +196,7 @@ def build_router(
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet_status,
         admin_key=admin_key, model_grace=settings.model_grace, counters=counters,
+        identify=gate.identify if gate is not None else None,
     )
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), admin_key

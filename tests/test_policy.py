@@ -356,3 +356,18 @@ async def test_the_clients_key_never_reaches_the_node(nursery: trio.Nursery) -> 
             assert "authorization" not in request["headers"]
             assert "x-api-key" not in request["headers"]
             assert key not in str(request)
+
+
+async def test_models_need_a_key_and_list_what_it_may_use(nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        node = await start_mock(nursery, models=(MODEL, "other"))
+        lb = await keyed_lb(nursery, [node])
+        key = (await generate(lb, models=[MODEL]))["key"]
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{lb.url}/v1/models")).status_code == 401
+        listed = [m.id async for m in client(lb, key).models.list()]
+        assert listed == [MODEL]
+        assert sorted([m.id async for m in client(lb, MASTER).models.list()]) == [MODEL, "other"]
+        assert (await client(lb, key).models.retrieve(MODEL)).id == MODEL
+        with pytest.raises(openai.NotFoundError):
+            await client(lb, key).models.retrieve("other")

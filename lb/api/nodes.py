@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -13,6 +13,7 @@ from lb.errors import BadRequest, ModelNotFound
 from lb.http.routes import Router
 from lb.http.types import Request, Response
 from lb.obs.nodes import NodeCounters
+from lb.policy.keys import KeyRecord
 from lb.routing.eligibility import blocked
 
 CREATED = 1700000000  # OpenAI's list shape needs a timestamp; the node's own is not shared
@@ -59,7 +60,9 @@ def add_routes(
     admin_key: AdminKey = "",
     model_grace: float = 600.0,
     counters: NodeCounters | None = None,
+    identify: Callable[[Request], Awaitable[KeyRecord | None]] | None = None,
 ) -> None:
+    """`identify` (API keys on): the models need a key, and list only those it may use."""
     counted = counters or NodeCounters()
 
     def describe(node: Node, now: float) -> dict[str, object]:
@@ -78,12 +81,18 @@ def add_routes(
         }
 
     async def list_models(request: Request) -> Response:
+        record = await identify(request) if identify is not None else None
         data = [_model_entry(model, registry) for model in registry.models()]
         data += sorted(gone().values(), key=lambda entry: str(entry["id"]))
+        if record is not None:
+            data = [entry for entry in data if record.allows(str(entry["id"]))]
         return Response.json({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
+        record = await identify(request) if identify is not None else None
         model = request.path_params["model"]
+        if record is not None and not record.allows(model):
+            raise ModelNotFound(f"The model '{model}' does not exist")
         if registry.serving(model):
             return Response.json(_model_entry(model, registry))
         entry = gone().get(model)
