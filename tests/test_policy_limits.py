@@ -228,4 +228,5 @@ def test_reset_header_format() -> None:
     assert format_reset(0.5) == "0.5s"
     assert format_reset(360) == "6m0s"
     assert format_reset(61.25) == "1m1.25s"
+    assert format_reset(12.3456) == "12.3s"
     assert format_reset(-3) == "0s"

@@ -4,11 +4,9 @@ usage. The fleet's Redis script makes the same decision from the same `Limits`."
 
 from __future__ import annotations
 
-import math
-
 import attrs
 
-from lb.policy.limits import Entry, SlidingWindow, TokenBucket, format_reset
+from lb.policy.limits import SlidingWindow, TokenBucket, format_reset
 
 
 @attrs.frozen(slots=True)
@@ -74,7 +72,7 @@ class Ticket:
     """An admitted request's hold on the counters, until it settles."""
 
     figures: Figures
-    tokens: Entry | None = None
+    tokens: int | None = None  # the handle of its estimate in the tokens window
     parallel: bool = False
     ref: str | None = None  # the fleet's id of the admission (in Redis), if it made it
 
@@ -91,7 +89,7 @@ class KeyCounters:
 
     def configure(self, limits: Limits, now: float) -> None:
         """Follow a key's changed limits; what was already admitted stays counted."""
-        if limits == self.limits:
+        if limits is self.limits or limits == self.limits:
             return
         self.requests = _window(self.requests, limits.rpm)
         self.tokens = _window(self.tokens, limits.tpm)
@@ -115,7 +113,7 @@ class KeyCounters:
             waits["parallel"] = 1.0  # unknown: when one of them ends
         if waits:
             which = max(waits, key=lambda name: waits[name])
-            return Refusal(which, waits[which], self.figures(now))
+            return Refusal(which, waits[which], self._figures(now))
         if self.requests is not None:
             self.requests.take(now, 1)
         if self.bucket is not None:
@@ -124,7 +122,7 @@ class KeyCounters:
         held = limits.parallel is not None
         if held:
             self.inflight += 1
-        return Ticket(self.figures(now), entry, held)
+        return Ticket(self._figures(now), entry, held)
 
     def settle(self, ticket: Ticket, tokens: int | None, now: float) -> None:
         """The request ended: its real tokens replace the estimate; its parallel slot frees."""
@@ -136,13 +134,22 @@ class KeyCounters:
 
     def figures(self, now: float) -> Figures:
         requests, tokens = self.requests, self.tokens
+        if requests is not None:
+            requests.used(now)
+        if tokens is not None:
+            tokens.used(now)
+        return self._figures(now)
+
+    def _figures(self, now: float) -> Figures:
+        """The figures, the windows being expired up to `now` already (admit did it)."""
+        requests, tokens = self.requests, self.tokens
         return Figures(
-            limit_requests=self.limits.rpm,
-            remaining_requests=_remaining(requests, now),
-            reset_requests=requests.reset_in(now) if requests else 0.0,
-            limit_tokens=self.limits.tpm,
-            remaining_tokens=_remaining(tokens, now),
-            reset_tokens=tokens.reset_in(now) if tokens else 0.0,
+            self.limits.rpm,
+            int(requests.limit - requests.total) if requests is not None else 0,
+            requests.times[0] + requests.span - now if requests and requests.times else 0.0,
+            self.limits.tpm,
+            int(tokens.limit - tokens.total) if tokens is not None else 0,
+            tokens.times[0] + tokens.span - now if tokens and tokens.times else 0.0,
         )
 
 
@@ -155,5 +162,3 @@ def _window(window: SlidingWindow | None, limit: int | None) -> SlidingWindow | 
     return window
 
 
-def _remaining(window: SlidingWindow | None, now: float) -> int:
-    return 0 if window is None else max(0, math.floor(window.limit - window.used(now)))

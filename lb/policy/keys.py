@@ -8,6 +8,7 @@ the key itself is shown once, when it is made.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Mapping
@@ -61,7 +62,7 @@ class KeyRecord:
     created_at: float = 0.0
     spend: float = 0.0  # USD in the current budget period, as of loading
 
-    @property
+    @functools.cached_property
     def limits(self) -> Limits:
         return Limits(self.rpm_limit, self.tpm_limit, self.rpm_burst, self.max_parallel_requests)
 

@@ -26,29 +26,33 @@ import attrs
 WINDOW = 60.0  # seconds: RPM and TPM
 
 
-@attrs.define(slots=True, eq=False)
-class Entry:
-    """One admitted weight; kept so the real figure can replace the estimate."""
-
-    at: float
-    weight: float
-
-
-@attrs.define(slots=True, eq=False)
 class SlidingWindow:
-    """At most `limit` weight in any `span`-second interval (exact: one entry per admission)."""
+    """At most `limit` weight in any `span`-second interval (exact: one entry per admission).
 
-    limit: float
-    span: float = WINDOW
-    entries: deque[Entry] = attrs.field(factory=deque)
-    total: float = 0.0
+    Entries are two deques of floats (times, weights), not objects: a window may hold a
+    minute of requests, and objects that many would cost every garbage collection."""
+
+    __slots__ = ("limit", "popped", "span", "times", "total", "weights")
+
+    def __init__(self, limit: float, span: float = WINDOW) -> None:
+        self.limit = limit
+        self.span = span
+        self.times: deque[float] = deque()
+        self.weights: deque[float] = deque()
+        self.total = 0.0
+        self.popped = 0  # entries expired so far: an entry's handle minus this is its index
 
     def _expire(self, now: float) -> None:
         horizon = now - self.span
-        entries = self.entries
-        while entries and entries[0].at <= horizon:
-            self.total -= entries.popleft().weight
-        if not entries:
+        times = self.times
+        if not times or times[0] > horizon:
+            return
+        weights = self.weights
+        while times and times[0] <= horizon:
+            times.popleft()
+            self.total -= weights.popleft()
+            self.popped += 1
+        if not times:
             self.total = 0.0  # no float drift survives an empty window
 
     def used(self, now: float) -> float:
@@ -59,18 +63,20 @@ class SlidingWindow:
         self._expire(now)
         return self.total + weight <= self.limit
 
-    def take(self, now: float, weight: float) -> Entry:
-        """Record an admission (check `fits` first)."""
-        entry = Entry(now, weight)
-        self.entries.append(entry)
+    def take(self, now: float, weight: float) -> int:
+        """Record an admission (check `fits` first); returns its handle for `adjust`."""
+        self.times.append(now)
+        self.weights.append(weight)
         self.total += weight
-        return entry
+        return self.popped + len(self.times) - 1
 
-    def adjust(self, entry: Entry, weight: float, now: float) -> None:
+    def adjust(self, handle: int, weight: float, now: float) -> None:
         """Replace an admission's weight with the real figure, if it is still in the window."""
-        if entry.at > now - self.span:
-            self.total += weight - entry.weight
-        entry.weight = weight
+        self._expire(now)
+        index = handle - self.popped
+        if 0 <= index < len(self.times):
+            self.total += weight - self.weights[index]
+            self.weights[index] = weight
 
     def retry_after(self, now: float, weight: float) -> float:
         """Seconds until `weight` fits (the span itself if it never can)."""
@@ -80,16 +86,16 @@ class SlidingWindow:
         excess = self.total + weight - self.limit
         if excess <= 0:
             return 0.0
-        for entry in self.entries:
-            excess -= entry.weight
+        for at, taken in zip(self.times, self.weights, strict=True):
+            excess -= taken
             if excess <= 0:
-                return entry.at + self.span - now
+                return at + self.span - now
         return self.span
 
     def reset_in(self, now: float) -> float:
         """Seconds until the window frees its oldest admission (0 when empty)."""
         self._expire(now)
-        return self.entries[0].at + self.span - now if self.entries else 0.0
+        return self.times[0] + self.span - now if self.times else 0.0
 
 
 @attrs.define(slots=True, eq=False)
@@ -166,8 +172,8 @@ def next_reset(reset_at: float, duration: tuple[int, str], now: float) -> float:
 
 
 def format_reset(seconds: float) -> str:
-    """OpenAI's `x-ratelimit-reset-*` form: `1s`, `6m0s`, `0.5s`."""
-    seconds = max(0.0, seconds)
+    """OpenAI's `x-ratelimit-reset-*` form: `1s`, `6m0s`, `0.5s` (3 significant digits)."""
+    if seconds < 60:
+        return f"{max(0.0, seconds):.3g}s"
     minutes, rest = divmod(seconds, 60)
-    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
-    return f"{int(minutes)}m{text}" if minutes else text
+    return f"{int(minutes)}m{rest:.3g}s"

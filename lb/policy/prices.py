@@ -31,9 +31,16 @@ def from_labels(labels: Mapping[str, str]) -> tuple[float, float] | None:
 def node_label_prices(labels_of: Callable[[str], Mapping[str, str] | None]) -> Prices:
     """Prices read from the labels of the node that served (`labels_of(node key)`)."""
 
+    parsed: dict[str, tuple[Mapping[str, str], tuple[float, float] | None]] = {}
+
     def prices(model: str, node: str) -> tuple[float, float] | None:
         labels = labels_of(node)
-        return None if labels is None else from_labels(labels)
+        if labels is None:
+            return None
+        known = parsed.get(node)
+        if known is None or known[0] is not labels:  # parsed once per node's labels
+            known = parsed[node] = (labels, from_labels(labels))
+        return known[1]
 
     return prices
 

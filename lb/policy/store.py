@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -165,31 +166,45 @@ class SqliteStore:
         await self._run(self._add_spend, records)
 
     def _add_spend(self, records: Sequence[SpendRecord]) -> None:
+        """One transaction per flush: every request's log row, and one update per key and per
+        (key, model, day), so the cost per request is one row."""
+        per_key: dict[str, tuple[float, float]] = {}  # token -> (spend, when, the latest)
+        daily: dict[tuple[str, str, str], list[float]] = {}
+        days: dict[int, str] = {}
+        for rec in records:
+            spent, _ = per_key.get(rec.token, (0.0, 0.0))
+            per_key[rec.token] = (spent + rec.spend, rec.at)
+            number = int(rec.at // 86400)
+            day = days.get(number) or days.setdefault(number, _day(rec.at))
+            sums = daily.setdefault((rec.token, rec.model, day), [0.0, 0, 0, 0])
+            sums[0] += rec.spend
+            sums[1] += rec.prompt_tokens
+            sums[2] += rec.completion_tokens
+            sums[3] += 1
         with self._transaction():
-            for rec in records:
-                row = self._get(rec.token)
-                if row is not None:
-                    end, new_period = current_period(row, rec.at)
-                    spend = rec.spend if new_period else row.spend + rec.spend
-                    self._db.execute(
-                        "UPDATE keys SET spend = ?, budget_reset_at = ? WHERE token = ?",
-                        (spend, end if row.budget_reset_at is not None else None, rec.token),
-                    )
+            self._db.executemany(
+                "INSERT INTO spend_logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.request_id, r.token, r.model, r.node, r.prompt_tokens, r.completion_tokens,
+                  r.spend, r.at) for r in records],
+            )
+            for token, (spent, at) in per_key.items():
+                row = self._get(token)
+                if row is None:
+                    continue  # deleted meanwhile: its logs stay
+                end, new_period = current_period(row, at)
                 self._db.execute(
-                    "INSERT INTO spend_logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.request_id, rec.token, rec.model, rec.node, rec.prompt_tokens,
-                     rec.completion_tokens, rec.spend, rec.at),
+                    "UPDATE keys SET spend = ?, budget_reset_at = ? WHERE token = ?",
+                    (spent if new_period else row.spend + spent,
+                     end if row.budget_reset_at is not None else None, token),
                 )
-                day = _day(rec.at)
-                self._db.execute(
-                    "INSERT INTO spend_daily VALUES (?, ?, ?, ?, ?, ?, 1)"
-                    " ON CONFLICT (token, model, day) DO UPDATE SET spend = spend + excluded.spend,"
-                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                    " completion_tokens = completion_tokens + excluded.completion_tokens,"
-                    " requests = requests + 1",
-                    (rec.token, rec.model, day, rec.spend, rec.prompt_tokens,
-                     rec.completion_tokens),
-                )
+            self._db.executemany(
+                "INSERT INTO spend_daily VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (token, model, day) DO UPDATE SET spend = spend + excluded.spend,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens,"
+                " requests = requests + excluded.requests",
+                [(*key, *sums) for key, sums in daily.items()],
+            )
 
     async def spend_logs(self, token: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return await self._run(self._spend_logs, token, limit)
@@ -237,8 +252,6 @@ class _Transaction:
 
 
 def _day(at: float) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d", time.gmtime(at))
 
 
