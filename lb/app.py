@@ -154,7 +154,7 @@ def build_gate(settings: Settings, registry: Registry, fleet: Fleet | None = Non
     from lb.policy.fleet import FleetLimits, RedisKeyStore
 
     url, prefix = settings.redis_address, settings.redis_prefix
-    limits = FleetLimits(url, prefix, lambda: len(fleet.instances))
+    limits = FleetLimits(url, prefix, lambda: len(fleet.instances), settings.request_timeout)
     return Gate(settings.master_key, RedisKeyStore(url, prefix), prices, fleet=limits)
 
 

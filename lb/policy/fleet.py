@@ -35,7 +35,8 @@ T = TypeVar("T")
 log = logging.getLogger("lb.policy")
 
 RETRY_SECS = 1.0  # after a failed call, requests use local limits this long before retrying
-PARALLEL_TTL_MS = 3_600_000  # a parallel slot an instance never released (it died) expires
+PARALLEL_GRACE_SECS = 60.0  # a slot never released (its instance died) expires this long
+#                             after the request's deadline
 
 # KEYS: requests zset, token zset, token weights hash, token total, burst hash, parallel zset
 # ARGV: id, rpm, tpm, burst, parallel (0: no such limit), estimate, parallel ttl ms
@@ -201,8 +202,11 @@ class _Redis:
 class FleetLimits:
     """Per-key limits kept exactly in Redis for the whole fleet."""
 
-    def __init__(self, url: str, prefix: str, instances: Callable[[], int]) -> None:
+    def __init__(
+        self, url: str, prefix: str, instances: Callable[[], int], request_timeout: float = 600.0
+    ) -> None:
         self._r = _Redis(url, prefix)
+        self._parallel_ttl_ms = int((request_timeout + PARALLEL_GRACE_SECS) * 1000)
         self._admit = self._r.redis.register_script(_ADMIT)
         self._settle = self._r.redis.register_script(_SETTLE)
         self._live = instances
@@ -235,12 +239,17 @@ class FleetLimits:
         base = f"{self._r.prefix}rl:{token}:"
         keys = [base + name for name in ("req", "tok", "tokw", "tokt", "burst", "par")]
         args = [ref, limits.rpm or 0, limits.tpm or 0, limits.burst or 0, limits.parallel or 0,
-                estimate, PARALLEL_TTL_MS]
+                estimate, self._parallel_ttl_ms]
         try:
             raw = await self._r.run(self._admit, keys=keys, args=args)
         except (redis.RedisError, OSError) as exc:
             self._down(exc)
             return None
+        except trio.Cancelled:  # the client left: the script may have run; free its slot
+            if limits.parallel is not None:
+                self._queue.append((token, ref, -1, True))
+                self._wake.set()
+            raise
         admitted, wreq, wtok, wpar, left_req, reset_req, left_tok, reset_tok = (
             float(x) for x in raw
         )
