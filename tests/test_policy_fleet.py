@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import trio
 from harness import CHAT, Running, start_mock
-from test_fleet import RedisServer, fleet_pair, redis_server  # noqa: F401  (a fixture)
+from test_fleet import SCAN, SYNC, RedisServer, fleet_pair, prefix, redis_server  # noqa: F401
+from test_policy import keyed_lb
 
 MASTER = "sk-fleet-master"
 ADMIN = {"authorization": f"Bearer {MASTER}"}
@@ -125,3 +126,33 @@ async def test_redis_killed_mid_run_falls_back_to_a_share_per_instance(
             answer = await http.post(f"{b.url}/v1/chat/completions", json={"model": MODEL, **CHAT},
                                      headers=ADMIN)
             assert answer.status_code == 200
+
+
+async def test_a_budget_spent_on_one_instance_is_refused_by_the_other(
+    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+) -> None:
+    with trio.fail_after(40):
+        node = await start_mock(nursery, models=(MODEL,), tokens=10)
+        fleet = {"redis_url": redis_server.url, "redis_prefix": prefix(),
+                 "redis_sync_secs": SYNC, "scan_interval": SCAN}
+        a, b = [await keyed_lb(nursery, [node], {"price": "0.01"}, master_key=MASTER, **fleet)
+                for _ in range(2)]
+        key = await generate(a, max_budget=0.05, models=[MODEL])
+        bearer = {"authorization": f"Bearer {key}"}
+        body = {"model": MODEL, **CHAT}
+        async with httpx.AsyncClient() as http:
+            # b reads the key, with nothing spent, and spends nothing itself (403); twice, the
+            # second after b has seen the key's creation (which clears its cache)
+            for _ in range(2):
+                assert (await http.post(f"{b.url}/v1/chat/completions", headers=bearer,
+                                        json={**body, "model": "other"})).status_code == 403
+                await trio.sleep(0.6)
+            assert (await http.post(f"{a.url}/v1/chat/completions", headers=bearer,
+                                    json=body)).status_code == 200
+            # a flushes within a second; b re-reads its cached keys every second
+            await trio.sleep(2.5)
+            answer = await http.post(f"{b.url}/v1/chat/completions", headers=bearer, json=body)
+            assert answer.status_code == 402
+            info = (await http.get(f"{b.url}/key/info", headers=ADMIN,
+                                   params={"key": key})).json()["info"]
+            assert info["spend"] > 0.05

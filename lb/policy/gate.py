@@ -258,6 +258,8 @@ class Gate(Observer):
                 if trio.current_time() >= flush_at:
                     await self.flush()  # kept and tried again if the store is down
                     flush_at = trio.current_time() + SPEND_FLUSH_SECS
+                    # Reloaded at next use: the spend other instances added (a shared store).
+                    self._records.clear()
                 await self.refresh()
             except Exception as exc:  # the store is away (Redis down): go on with the cache
                 if not failing:
