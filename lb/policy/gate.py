@@ -15,6 +15,7 @@ revoked on any instance stops working everywhere within a second.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import math
@@ -43,6 +44,7 @@ SPEND_FLUSH_SECS = 1.0  # spend reaches the store this often (lost on kill -9: a
 VERSION_POLL_SECS = 0.5  # a key changed elsewhere is seen within this (+ one store call)
 _CACHE_MAX = 10_000  # cached lookups, unknown keys included; cleared when full
 _BYTES_PER_TOKEN = 4  # the prompt estimate admitted up front: request bytes / 4
+_UNKNOWN = KeyRecord("")  # not in the cache (None there means: no such key)
 
 
 class KeyStore(Protocol):
@@ -66,18 +68,22 @@ def estimate_tokens(body: bytes) -> int:
 
 
 def presented_key(request: Request, header: bytes = b"authorization") -> str | None:
+    """The key a request carries, as text (see `presented_bytes`)."""
+    key = presented_bytes(request, header)
+    return None if key is None else key.decode("latin-1")
+
+
+def presented_bytes(request: Request, header: bytes = b"authorization") -> bytes | None:
     """The key a request carries: `Authorization: Bearer <key>`, or the raw value of `header`
     (the Anthropic edge's `x-api-key`), which wins when both are given."""
     if header != b"authorization":
         raw = request.header(header)
-        if raw:
-            return raw.decode("latin-1").strip() or None
+        if raw and raw.strip():
+            return raw.strip()
     raw = request.header(b"authorization")
-    if not raw:
+    if not raw or raw[:7].lower() != b"bearer ":
         return None
-    scheme, _, token = raw.decode("latin-1").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    return raw[7:].strip() or None
 
 
 @attrs.define(slots=True, eq=False)
@@ -118,25 +124,29 @@ class Gate(Observer):
 
     # --- identify and admit ---
 
-    def is_master(self, key: str) -> bool:
-        return hmac.compare_digest(key.encode(), self._master)
+    def is_master(self, key: str | bytes) -> bool:
+        given = key if isinstance(key, bytes) else key.encode()
+        return hmac.compare_digest(given, self._master)
 
     async def identify(
         self, request: Request, header: bytes = b"authorization"
     ) -> KeyRecord | None:
         """The request's key record (None for the master key); 401 for none, unknown, expired."""
-        key = presented_key(request, header)
+        key = presented_bytes(request, header)
         if key is None:
             raise Unauthorized(
                 "Missing API key: send 'Authorization: Bearer <key>'"
                 + (" or 'x-api-key: <key>'" if header == b"x-api-key" else "")
             )
-        if self.is_master(key):
+        if hmac.compare_digest(key, self._master):
             return None
-        record = await self.lookup(keys.hash_key(key))
+        token = hashlib.sha256(key).hexdigest()  # as keys.hash_key does for a key
+        record = self._records.get(token, _UNKNOWN)
+        if record is _UNKNOWN:
+            record = await self.lookup(token)
         if record is None:
             raise Unauthorized("Invalid API key")
-        if record.expired(self.wall()):
+        if record.expires is not None and record.expired(self.wall()):
             raise Unauthorized("API key expired", code="expired_key")
         return record
 
