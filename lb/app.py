@@ -136,9 +136,10 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
 
 
 def build_gate(settings: Settings, registry: Registry, fleet: Fleet | None = None) -> Gate | None:
-    """API keys, limits and spend: only with a master key (else nothing on the request path).
-    Keys and spend in SQLite; with a fleet, in its Redis, and limits exact fleet-wide."""
-    if not settings.master_key:
+    """API keys, limits and spend: only with a master key or the operator's rate limits (else
+    nothing on the request path). Keys and spend in SQLite; with a fleet, in its Redis, and
+    key limits exact fleet-wide."""
+    if not settings.master_key and not settings.rate_limits:
         return None
     from lb.policy.gate import Gate
     from lb.policy.prices import node_label_prices
@@ -150,12 +151,15 @@ def build_gate(settings: Settings, registry: Registry, fleet: Fleet | None = Non
 
     prices = node_label_prices(labels_of)
     if fleet is None or settings.redis_address is None:
-        return Gate(settings.master_key, SqliteStore(settings.data_dir), prices)
+        store = SqliteStore(settings.data_dir if settings.master_key else ":memory:")
+        return Gate(settings.master_key, store, prices,
+                    rate_limits=settings.rate_limits)
     from lb.policy.fleet import FleetLimits, RedisKeyStore
 
     url, prefix = settings.redis_address, settings.redis_prefix
     limits = FleetLimits(url, prefix, lambda: len(fleet.instances), settings.request_timeout)
-    return Gate(settings.master_key, RedisKeyStore(url, prefix), prices, fleet=limits)
+    return Gate(settings.master_key, RedisKeyStore(url, prefix), prices, fleet=limits,
+                rate_limits=settings.rate_limits)
 
 
 def build_router(
@@ -196,7 +200,7 @@ def build_router(
     nodes.add_routes(
         router, registry, settings.min_healthy_nodes, fleet_status,
         admin_key=admin_key, model_grace=settings.model_grace, counters=counters,
-        identify=gate.identify if gate is not None else None,
+        identify=gate.identify if gate is not None and gate.keys_on else None,
     )
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), admin_key
@@ -212,7 +216,7 @@ def build_router(
     )
     dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     proxy.add_routes(router, dispatcher, gate)
-    keys.add_routes(router, gate)
+    keys.add_routes(router, gate if gate is not None and gate.keys_on else None)
     return router
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from lb.policy.counters import Limits, parse_limits
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
 
 
@@ -99,6 +100,25 @@ def _redis_url(value: Any) -> str:
     if text and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
     return text
+
+
+def _rate_limits(value: Any) -> Mapping[str, Limits]:
+    """`{"*": {rpm: 600}, "llama-3.1-8b": {rpm: 60, tpm: 100000}}` (YAML, or that as JSON/YAML
+    text in the environment) -> model ('*': every request) -> Limits."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ValueError("expected a mapping such as {\"*\": {\"rpm\": 600}}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of model (or '*') to {rpm, tpm, burst, parallel}")
+    limits = {}
+    for name, spec in value.items():
+        try:
+            limits[str(name)] = parse_limits(spec)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return limits
 
 
 def _port(value: Any) -> int:
@@ -369,6 +389,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master_key", "LB_MASTER_KEY", _text,
             "Turns API keys on: every request needs this key or a virtual key (also "
             "LITELLM_MASTER_KEY, or general_settings.master_key in YAML)"),
+    Setting("rate_limits", "LB_RATE_LIMITS", _rate_limits,
+            "Limits per model and for all requests ('*'): {model: {rpm, tpm, burst, parallel}}"),
     Setting("data_dir", "LB_DATA_DIR", _text,
             "Folder of lb's SQLite file (keys, spend); default: the user's data folder"),
     Setting("cors_origins", "LB_CORS_ORIGINS", _names,
@@ -432,6 +454,7 @@ class Settings:
     redis_sync_secs: float = 0.5
     admin_key: str = ""
     master_key: str = ""
+    rate_limits: Mapping[str, Limits] = attrs.field(factory=dict)
     data_dir: str = ""
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True

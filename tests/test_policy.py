@@ -13,7 +13,8 @@ import trio
 from harness import CHAT, Running, _start, start_mock
 
 from lb.app import serve
-from lb.config import NodeConfig, Settings
+from lb.config import ConfigError, NodeConfig, Settings, load_settings
+from lb.policy.counters import parse_limits
 
 MASTER = "sk-master-test"
 ADMIN = {"authorization": f"Bearer {MASTER}"}
@@ -371,3 +372,48 @@ async def test_models_need_a_key_and_list_what_it_may_use(nursery: trio.Nursery)
         assert (await client(lb, key).models.retrieve(MODEL)).id == MODEL
         with pytest.raises(openai.NotFoundError):
             await client(lb, key).models.retrieve("other")
+
+
+async def test_the_operators_limits_hold_without_keys(nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        node = await start_mock(nursery, models=(MODEL,))
+        lb = await keyed_lb(nursery, [node], master_key="",
+                            rate_limits=load_settings(env={"LB_RATE_LIMITS": '{"*": {"rpm": 3}}'}
+                                                      ).rate_limits)
+        for _ in range(3):
+            await chat(lb, "no-key-needed")
+        with pytest.raises(openai.RateLimitError) as refused:
+            await chat(lb, "no-key-needed")
+        assert "all requests: 3 requests per minute" in refused.value.message
+        assert refused.value.response.headers["x-ratelimit-limit-requests"] == "3"
+        assert await node.chats() == 3
+
+
+async def test_a_models_limit_is_shared_by_keys_and_refusals_cost_the_key_nothing(
+    nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(15):
+        node = await start_mock(nursery, models=(MODEL, "other"))
+        lb = await keyed_lb(nursery, [node], rate_limits={MODEL: parse_limits({"rpm": 2})})
+        alice = (await generate(lb, rpm_limit=3))["key"]
+        bob = (await generate(lb))["key"]
+        await chat(lb, alice)
+        await chat(lb, bob)
+        for key in (alice, bob, MASTER):  # the model's limit holds for every key
+            with pytest.raises(openai.RateLimitError) as refused:
+                await chat(lb, key)
+            assert f"model {MODEL}: 2 requests per minute" in refused.value.message
+        # alice's own allowance lost nothing to those refusals: 2 of 3 left
+        for _ in range(2):
+            await chat(lb, alice, "other")
+        with pytest.raises(openai.RateLimitError) as refused:
+            await chat(lb, alice, "other")
+        assert "this key: 3 requests per minute" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "text", ['{"*": {"rpm": 0}}', '{"m": {"rps": 1}}', '{"m": 5}', "[1]", '{"m": {"tpm": true}}'],
+)
+def test_bad_rate_limits_name_the_setting(text: str) -> None:
+    with pytest.raises(ConfigError, match="LB_RATE_LIMITS"):
+        load_settings(env={"LB_RATE_LIMITS": text})

@@ -241,7 +241,7 @@ def add_routes(router: Router, dispatcher: Dispatcher, gate: Gate | None = None)
                     )
                 intent = route_request(
                     request, kind, body, stream, trace.arrival, dispatcher.allowed,
-                    keyed=gate is not None,
+                    keyed=gate is not None and gate.keys_on,
                 )
             except LBError as exc:  # answered by the server before anything was routed
                 trace.status, trace.error = exc.status, exc.code

@@ -4,6 +4,8 @@ usage. The fleet's Redis script makes the same decision from the same `Limits`."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 
 from lb.policy.limits import SlidingWindow, TokenBucket, format_reset
@@ -101,6 +103,11 @@ class KeyCounters:
 
     def admit(self, now: float, estimate: int) -> Ticket | Refusal:
         """Admit a request of `estimate` prompt tokens, or say which limit refuses it."""
+        refusal = self.check(now, estimate)
+        return refusal if refusal is not None else self.take(now, estimate)
+
+    def check(self, now: float, estimate: int) -> Refusal | None:
+        """Which limit would refuse the request (None: it fits); changes nothing."""
         limits = self.limits
         waits: dict[str, float] = {}
         if self.requests is not None and not self.requests.fits(now, 1):
@@ -111,15 +118,19 @@ class KeyCounters:
             waits["tokens"] = self.tokens.retry_after(now, estimate)
         if limits.parallel is not None and self.inflight >= limits.parallel:
             waits["parallel"] = 1.0  # unknown: when one of them ends
-        if waits:
-            which = max(waits, key=lambda name: waits[name])
-            return Refusal(which, waits[which], self._figures(now))
+        if not waits:
+            return None
+        which = max(waits, key=lambda name: waits[name])
+        return Refusal(which, waits[which], self._figures(now))
+
+    def take(self, now: float, estimate: int) -> Ticket:
+        """Count an admission (after `check` said it fits, at the same `now`)."""
         if self.requests is not None:
             self.requests.take(now, 1)
         if self.bucket is not None:
             self.bucket.take(now)
         entry = self.tokens.take(now, estimate) if self.tokens is not None else None
-        held = limits.parallel is not None
+        held = self.limits.parallel is not None
         if held:
             self.inflight += 1
         return Ticket(self._figures(now), entry, held)
@@ -162,3 +173,19 @@ def _window(window: SlidingWindow | None, limit: int | None) -> SlidingWindow | 
     return window
 
 
+
+
+def parse_limits(value: object) -> Limits:
+    """`{rpm, tpm, burst, parallel}` (any subset; whole numbers >= 1) -> Limits."""
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping such as {rpm: 60, tpm: 100000}")
+    unknown = set(value) - {"rpm", "tpm", "burst", "parallel"}
+    if unknown:
+        raise ValueError(f"unknown limit {sorted(map(str, unknown))[0]!r} "
+                         "(rpm, tpm, burst, parallel)")
+    numbers: dict[str, int] = {}
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError(f"{name} must be a whole number >= 1")
+        numbers[str(name)] = number
+    return Limits(**numbers)

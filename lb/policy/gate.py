@@ -20,7 +20,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -97,6 +97,8 @@ class Admission:
     limits: Limits | None = None  # the limits it was admitted under (a share, Redis down)
     fleet: bool = False  # admitted by the fleet's Redis
     done: bool = False
+    # Operator limits (per model, all requests) it holds: their counters and its tickets.
+    scoped: list[tuple[KeyCounters, Ticket]] = attrs.field(factory=list)
 
     def settle(self, trace: Trace) -> None:
         if not self.done:
@@ -108,8 +110,14 @@ class Gate(Observer):
     def __init__(
         self, master_key: str, store: KeyStore, prices: Prices, *,
         fleet: FleetLimits | None = None, wall: Callable[[], float] = time.time,
+        rate_limits: Mapping[str, Limits] | None = None,
     ) -> None:
         self._master = master_key.encode()
+        self.keys_on = bool(master_key)  # else only the operator's rate limits apply
+        # The operator's limits: per model, and '*' for every request; this instance's
+        # counters (in a fleet, each instance keeps its share: limit / live instances).
+        self.rate_limits = dict(rate_limits or {})
+        self._scoped: dict[str, KeyCounters] = {}
         self.store = store
         self.prices = prices
         self.fleet = fleet
@@ -132,6 +140,8 @@ class Gate(Observer):
         self, request: Request, header: bytes = b"authorization"
     ) -> KeyRecord | None:
         """The request's key record (None for the master key); 401 for none, unknown, expired."""
+        if not self.keys_on:
+            return None
         key = presented_bytes(request, header)
         if key is None:
             raise Unauthorized(
@@ -171,10 +181,16 @@ class Gate(Observer):
         return record
 
     async def admit(self, record: KeyRecord | None, model: str, estimate: int) -> Admission:
-        """403 for a model the key may not use, 402 once its budget is spent, 429 over a limit;
-        else the admission (with the x-ratelimit-* headers for the answer)."""
-        if record is None:
-            return Admission(self, None)
+        """403 for a model the key may not use, 402 once its budget is spent, 429 over a limit
+        (the key's, or the operator's for the model or for every request); else the admission
+        (with the key's x-ratelimit-* headers for the answer)."""
+        scopes = self._scopes(model) if self.rate_limits else None
+        if record is None:  # the master key, or keys off
+            if not scopes:
+                return Admission(self, None)
+            admission = Admission(self, None)
+            admission.scoped = self._take_scopes(scopes, estimate)
+            return admission
         if not record.allows(model):
             raise Forbidden(
                 f"This key may not use model {model!r}; it may use: {', '.join(record.models)}",
@@ -187,14 +203,30 @@ class Gate(Observer):
             )
         limits = record.limits
         if not limits.any:
-            return Admission(self, record)
-        if self.fleet is not None and self.fleet.up:
+            admission = Admission(self, record)
+        elif self.fleet is not None and self.fleet.up:
+            if scopes:  # the operator's first: a refusal there takes nothing from the fleet
+                self._check_scopes(scopes, estimate)
             result = await self.fleet.admit(record.token, limits, estimate)
             if result is not None:
-                return self._admitted(record, result, limits, fleet=True)
-            limits = limits.share(self.fleet.instances)  # Redis went down: our share
-        elif self.fleet is not None:
-            limits = limits.share(self.fleet.instances)
+                admission = self._admitted(record, result, limits, fleet=True)
+            else:  # Redis went down: our share
+                admission = self._local(record, limits.share(self.fleet.instances), estimate)
+        else:
+            if self.fleet is not None:
+                limits = limits.share(self.fleet.instances)
+            if scopes:
+                self._check_scopes(scopes, estimate)
+            admission = self._local(record, limits, estimate)
+        if scopes:
+            try:
+                admission.scoped = self._take_scopes(scopes, estimate)
+            except RateLimitExceeded:  # taken meanwhile (while the fleet was asked)
+                self.settle(admission, None)
+                raise
+        return admission
+
+    def _local(self, record: KeyRecord, limits: Limits, estimate: int) -> Admission:
         counters = self._counters.get(record.token)
         if counters is None:
             counters = self._counters[record.token] = KeyCounters()
@@ -206,15 +238,38 @@ class Gate(Observer):
         self, record: KeyRecord, result: Ticket | Refusal, limits: Limits, *, fleet: bool
     ) -> Admission:
         if isinstance(result, Refusal):
-            per = {"requests": ("requests per minute", limits.rpm),
-                   "tokens": ("tokens per minute", limits.tpm),
-                   "parallel": ("parallel requests", limits.parallel)}[result.limit]
-            raise RateLimitExceeded(
-                f"Rate limit exceeded for this key: {per[1]} {per[0]}; "
-                f"retry after {math.ceil(result.retry_after)}s",
-                retry_after=result.retry_after, headers=tuple(result.figures.headers()),
-            )
+            raise _refused("this key", result, limits)
         return Admission(self, record, result, result.figures.headers(), limits, fleet)
+
+    def _scopes(self, model: str) -> list[tuple[str, KeyCounters]]:
+        """The operator's counters that apply to a request for `model`."""
+        scopes = []
+        for name, label in (("*", "all requests"), (model, f"model {model}")):
+            limits = self.rate_limits.get(name)
+            if limits is None:
+                continue
+            if self.fleet is not None:
+                limits = limits.share(self.fleet.instances)
+            counters = self._scoped.get(name)
+            if counters is None:
+                counters = self._scoped[name] = KeyCounters()
+            counters.configure(limits, trio.current_time())
+            scopes.append((label, counters))
+        return scopes
+
+    def _check_scopes(self, scopes: list[tuple[str, KeyCounters]], estimate: int) -> None:
+        now = trio.current_time()
+        for label, counters in scopes:
+            refusal = counters.check(now, estimate)
+            if refusal is not None:
+                raise _refused(label, refusal, counters.limits)
+
+    def _take_scopes(
+        self, scopes: list[tuple[str, KeyCounters]], estimate: int
+    ) -> list[tuple[KeyCounters, Ticket]]:
+        self._check_scopes(scopes, estimate)  # all of them fit: then each is counted
+        now = trio.current_time()
+        return [(counters, counters.take(now, estimate)) for _, counters in scopes]
 
     def spent(self, record: KeyRecord) -> float:
         """The key's spend in its current budget period (flushed + not yet flushed)."""
@@ -228,20 +283,25 @@ class Gate(Observer):
         if admission is not None:
             admission.settle(trace)
 
-    def settle(self, admission: Admission, trace: Trace) -> None:
+    def settle(self, admission: Admission, trace: Trace | None) -> None:
         record, ticket = admission.record, admission.ticket
+        prompt = trace.prompt_tokens if trace is not None else None
+        completion = trace.completion_tokens if trace is not None else None
+        used = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
+        if admission.scoped:
+            now = trio.current_time()
+            for scoped, held in admission.scoped:
+                scoped.settle(held, used, now)
         if record is None:
             return
-        prompt, completion = trace.prompt_tokens, trace.completion_tokens
-        used = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
         if ticket is not None:
             if admission.fleet and self.fleet is not None:
                 self.fleet.settle(record.token, ticket, used)
             else:
-                counters = self._counters.get(record.token)
-                if counters is not None:
-                    counters.settle(ticket, used, trio.current_time())
-        if used is None:
+                mine = self._counters.get(record.token)
+                if mine is not None:
+                    mine.settle(ticket, used, trio.current_time())
+        if used is None or trace is None:
             return
         model, node = trace.model or trace.requested_model, trace.node or ""
         spend = cost(self.prices(model, node), prompt or 0, completion or 0)
@@ -367,3 +427,14 @@ class Gate(Observer):
             if other is not None:
                 return other.token
         return token
+
+
+def _refused(whose: str, refusal: Refusal, limits: Limits) -> RateLimitExceeded:
+    per = {"requests": ("requests per minute", limits.rpm),
+           "tokens": ("tokens per minute", limits.tpm),
+           "parallel": ("parallel requests", limits.parallel)}[refusal.limit]
+    return RateLimitExceeded(
+        f"Rate limit exceeded for {whose}: {per[1]} {per[0]}; "
+        f"retry after {math.ceil(refusal.retry_after)}s",
+        retry_after=refusal.retry_after, headers=tuple(refusal.figures.headers()),
+    )
