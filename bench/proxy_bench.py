@@ -317,6 +317,13 @@ class Cluster:
 # --- load: hey (closed loop, fixed concurrency) --------------------------------------------
 
 
+def _auth_header() -> list[str]:
+    """`LB_BENCH_AUTHORIZATION=Bearer sk-...`: every hey request carries that header (to
+    measure API keys; an lb without keys passes it on to the mock, which ignores it)."""
+    value = os.environ.get("LB_BENCH_AUTHORIZATION")
+    return ["-H", f"Authorization: {value}"] if value else []
+
+
 def run_hey(
     port: int, mode: str, concurrency: int, requests: int, *, cpu_pid: int | None = None
 ) -> dict[str, Any]:
@@ -325,7 +332,7 @@ def run_hey(
     argv = [
         "hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST",
         "-T", "application/json", "-d", BODIES[mode], "-t", "20", "-o", "csv",
-        f"http://{HOST}:{port}{CHAT}",
+        *_auth_header(), f"http://{HOST}:{port}{CHAT}",
     ]
     cpu_before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     started = time.monotonic()

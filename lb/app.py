@@ -16,7 +16,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, anthropic, debug, health, metrics, nodes, proxy, stats
+from lb.api import admin, anthropic, debug, health, keys, metrics, nodes, proxy, stats
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -38,6 +38,7 @@ from lb.supervise import ServiceStats, supervise
 
 if TYPE_CHECKING:
     from lb.cluster.fleet import Fleet
+    from lb.policy.gate import Gate
 
 log = logging.getLogger("lb")
 
@@ -136,6 +137,33 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
     )
 
 
+def build_gate(settings: Settings, registry: Registry, fleet: Fleet | None = None) -> Gate | None:
+    """API keys, limits and spend: only with a master key or the operator's rate limits (else
+    nothing on the request path). Keys and spend in SQLite; with a fleet, in its Redis, and
+    key limits exact fleet-wide."""
+    if not settings.master_key and not settings.rate_limits:
+        return None
+    from lb.policy.gate import Gate
+    from lb.policy.prices import node_label_prices
+    from lb.policy.store import SqliteStore
+
+    def labels_of(key: str) -> Mapping[str, str] | None:
+        node = registry.nodes.get(key)
+        return None if node is None else node.config.labels
+
+    prices = node_label_prices(labels_of)
+    if fleet is None or settings.redis_address is None:
+        store = SqliteStore(settings.data_dir if settings.master_key else ":memory:")
+        return Gate(settings.master_key, store, prices,
+                    rate_limits=settings.rate_limits)
+    from lb.policy.fleet import FleetLimits, RedisKeyStore
+
+    url, prefix = settings.redis_address, settings.redis_prefix
+    limits = FleetLimits(url, prefix, lambda: len(fleet.instances), settings.request_timeout)
+    return Gate(settings.master_key, RedisKeyStore(url, prefix), prices, fleet=limits,
+                rate_limits=settings.rate_limits)
+
+
 def build_router(
     settings: Settings,
     registry: Registry,
@@ -143,6 +171,7 @@ def build_router(
     services: Mapping[str, ServiceStats] | None = None,
     scan: scanner.ScanState | None = None,
     fleet: Fleet | None = None,
+    gate: Gate | None = None,
 ) -> Router:
     async def change_prefs(prefs: Prefs) -> bool:
         registry.set_prefs(prefs)
@@ -154,6 +183,10 @@ def build_router(
     latency = LatencyTracker()
     # Every observer of proxied requests (metrics, access log, routing stats add theirs here).
     observers: list[RequestObserver] = [counters, routing_stats, latency, AccessLog()]
+    if gate is not None:
+        observers.append(gate)  # settles each request's key: tokens, parallel slot, spend
+    # The master key opens the admin endpoints and the views of the topology too.
+    admin_key: admin.AdminKey = tuple(k for k in (settings.admin_key, settings.master_key) if k)
     if settings.metrics:
         request_metrics = Metrics(settings.sentinels)
         observers.append(request_metrics)
@@ -162,27 +195,33 @@ def build_router(
             settings.metrics_key,
         )
     health.add_routes(router, lambda: server.draining)
+    fleet_status = fleet.status if fleet else None
+    if fleet is not None and gate is not None and gate.fleet is not None:
+        limits = gate.fleet
+        fleet_status = lambda: {**fleet.status(), **limits.status()}  # noqa: E731
     nodes.add_routes(
-        router, registry, settings.min_healthy_nodes, fleet.status if fleet else None,
-        admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
+        router, registry, settings.min_healthy_nodes, fleet_status,
+        admin_key=admin_key, model_grace=settings.model_grace, counters=counters,
+        identify=gate.identify if gate is not None and gate.keys_on else None,
         aliases=settings.aliases, alias_only=settings.alias_only,
     )
     dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     debug.add_routes(
-        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key,
+        router, registry, services or {}, scan or scanner.ScanState(), admin_key,
         dispatcher=dispatcher,
     )
     admin.add_routes(
-        router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
+        router, admin_key=admin_key, get_prefs=lambda: registry.prefs,
         change_prefs=change_prefs, split_label=settings.traffic_split_label,
     )
     stats.add_routes(
         router, registry, routing_stats,
         strategy=strategies.parse_strategy(settings.routing_strategy).value,
-        admin_key=settings.admin_key, dispatcher=dispatcher,
+        admin_key=admin_key, dispatcher=dispatcher,
     )
-    proxy.add_routes(router, dispatcher)
-    anthropic.add_routes(router, dispatcher)
+    proxy.add_routes(router, dispatcher, gate)
+    anthropic.add_routes(router, dispatcher, gate)
+    keys.add_routes(router, gate if gate is not None and gate.keys_on else None)
     return router
 
 
@@ -227,10 +266,14 @@ async def serve(
             ),
             services["scanner"],
         )
+        gate = build_gate(settings, registry, fleet)
+        if gate is not None:
+            services["policy"] = ServiceStats()
+            root.start_soon(supervise, "policy", gate.run, services["policy"])
         server = HTTPServer(
             Router(), server_limits(settings), CorsPolicy.from_setting(settings.cors_origins)
         )
-        server.handler = build_router(settings, registry, server, services, scan, fleet)
+        server.handler = build_router(settings, registry, server, services, scan, fleet, gate)
         # Everything made so far (modules, settings, the registry) lives as long as lb does:
         # keep it out of the collector's full passes, which requests would otherwise pay for
         # (collected first, so no garbage is kept for good).
@@ -260,6 +303,9 @@ async def serve(
             shown = f"[{settings.host}]" if ":" in settings.host else settings.host
             print(f"lb listening on http://{shown}:{port}", flush=True)
             task_status.started(port)
+        if gate is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await gate.flush()  # what finished reaches the store before lb exits
         if fleet is not None:
             await fleet.leave()  # the fleet need not wait for our heartbeat to expire
             fleet.store.close()

@@ -55,11 +55,6 @@ def serve(
         from lb.catalogue import log_warnings
 
         log_warnings(settings.catalogue)
-        if settings.catalogue.master_key:  # until lb checks client keys (the policy issue)
-            _fail(
-                "general_settings.master_key is set, but lb does not check client keys yet: "
-                "refusing to serve without the authentication the file asks for"
-            )
     from lb.app import serve as run_server
 
     try:
@@ -149,6 +144,98 @@ def mock(
 
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run)
+
+
+@main.group()
+@click.option("--url", envvar="LB_URL", default="http://127.0.0.1:8000", show_default=True,
+              help="The running lb [env LB_URL]")
+@click.option("--master-key", envvar=["LB_MASTER_KEY", "LITELLM_MASTER_KEY"], default="",
+              help="lb's master key [env LB_MASTER_KEY]")
+@click.pass_context
+def keys(ctx: click.Context, url: str, master_key: str) -> None:
+    """Manage virtual keys of a running lb (its admin API, with the master key)."""
+    if not master_key:
+        _fail("keys: the master key is needed (--master-key or LB_MASTER_KEY)")
+    ctx.obj = (url.rstrip("/"), master_key)
+
+
+def _admin(ctx: click.Context, method: str, path: str, **kwargs: Any) -> None:
+    """Call the admin API and print its JSON answer; an error's message and exit 1."""
+    import httpx
+    import orjson
+
+    url, master_key = ctx.obj
+    try:
+        answer = httpx.request(method, url + path, headers={
+            "authorization": f"Bearer {master_key}"}, timeout=30, **kwargs)
+    except httpx.HTTPError as exc:
+        click.echo(f"lb: cannot reach {url}: {exc}", err=True)
+        sys.exit(1)
+    if answer.status_code != 200:
+        try:
+            message = answer.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = answer.text
+        click.echo(f"lb: {answer.status_code}: {message}", err=True)
+        sys.exit(1)
+    click.echo(orjson.dumps(answer.json(), option=orjson.OPT_INDENT_2).decode())
+
+
+@keys.command("create")
+@click.option("--models", default="", help="Models it may use, comma separated (default: all)")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute")
+@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute")
+@click.option("--burst", type=click.IntRange(min=1), help="Requests at once (with --rpm)")
+@click.option("--parallel", type=click.IntRange(min=1), help="Requests in flight at once")
+@click.option("--budget", type=click.FloatRange(min=0), help="USD per budget period")
+@click.option("--budget-duration", help="Budget period: 30d, 1mo, 24h... (default: for ever)")
+@click.option("--duration", help="Expires after: 30d, 12h... (default: never)")
+@click.option("--alias", help="A name for the key (unique)")
+@click.option("--metadata", help="JSON object kept with the key")
+@click.pass_context
+def keys_create(
+    ctx: click.Context, models: str, rpm: int | None, tpm: int | None, burst: int | None,
+    parallel: int | None, budget: float | None, budget_duration: str | None,
+    duration: str | None, alias: str | None, metadata: str | None,
+) -> None:
+    """Make a key; it is printed once (`key`) and stored only hashed."""
+    import orjson
+
+    fields: dict[str, Any] = {
+        "models": [m.strip() for m in models.split(",") if m.strip()], "rpm_limit": rpm,
+        "tpm_limit": tpm, "rpm_burst": burst, "max_parallel_requests": parallel,
+        "max_budget": budget, "budget_duration": budget_duration, "duration": duration,
+        "key_alias": alias,
+    }
+    if metadata:
+        try:
+            fields["metadata"] = orjson.loads(metadata)
+        except orjson.JSONDecodeError as exc:
+            _fail(f"--metadata: not JSON ({exc})")
+    _admin(ctx, "POST", "/key/generate", json={k: v for k, v in fields.items() if v is not None})
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """Every key, with its limits and spend (never the keys themselves)."""
+    _admin(ctx, "GET", "/key/list", params={"return_full_object": "true"})
+
+
+@keys.command("info")
+@click.argument("key")
+@click.pass_context
+def keys_info(ctx: click.Context, key: str) -> None:
+    """One key (the key, its token or its alias): limits and spend."""
+    _admin(ctx, "GET", "/key/info", params={"key": key})
+
+
+@keys.command("revoke")
+@click.argument("key", nargs=-1, required=True)
+@click.pass_context
+def keys_revoke(ctx: click.Context, key: tuple[str, ...]) -> None:
+    """Delete keys (keys, tokens or aliases); every instance refuses them within a second."""
+    _admin(ctx, "POST", "/key/delete", json={"keys": list(key)})
 
 
 if __name__ == "__main__":

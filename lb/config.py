@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from lb.policy.counters import Limits, parse_limits
 from lb.routing.hedge import HedgeAfter, parse_hedge_after
 from lb.routing.split import parse_weights
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
@@ -127,6 +128,25 @@ def _redis_url(value: Any) -> str:
     if text and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
     return text
+
+
+def _rate_limits(value: Any) -> Mapping[str, Limits]:
+    """`{"*": {rpm: 600}, "llama-3.1-8b": {rpm: 60, tpm: 100000}}` (YAML, or that as JSON/YAML
+    text in the environment) -> model ('*': every request) -> Limits."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ValueError("expected a mapping such as {\"*\": {\"rpm\": 600}}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of model (or '*') to {rpm, tpm, burst, parallel}")
+    limits = {}
+    for name, spec in value.items():
+        try:
+            limits[str(name)] = parse_limits(spec)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return limits
 
 
 def _port(value: Any) -> int:
@@ -474,6 +494,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_sync_secs", "REDIS_SYNC_SECS", _positive_seconds,
             "How often an instance syncs with the fleet"),
     Setting("admin_key", "LB_ADMIN_KEY", _text, "Bearer key of /v1/admin (empty: disabled)"),
+    Setting("master_key", "LB_MASTER_KEY", _text,
+            "Turns API keys on: every request needs this key or a virtual key (also "
+            "LITELLM_MASTER_KEY, or general_settings.master_key in YAML)"),
+    Setting("rate_limits", "LB_RATE_LIMITS", _rate_limits,
+            "Limits per model and for all requests ('*'): {model: {rpm, tpm, burst, parallel}}"),
+    Setting("data_dir", "LB_DATA_DIR", _text,
+            "Folder of lb's SQLite file (keys, spend); default: the user's data folder"),
     Setting("cors_origins", "LB_CORS_ORIGINS", _names,
             "Origins browsers may call lb from: a comma list, or * (empty: no CORS)"),
     Setting("metrics", "LB_METRICS", _bool, "Count requests for /metrics (off: no /metrics)"),
@@ -556,6 +583,9 @@ class Settings:
     redis_prefix: str = "lb:"
     redis_sync_secs: float = 0.5
     admin_key: str = ""
+    master_key: str = ""
+    rate_limits: Mapping[str, Limits] = attrs.field(factory=dict)
+    data_dir: str = ""
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True
     metrics_key: str = ""
@@ -665,6 +695,8 @@ def load_settings(
             # LiteLLM's router settings sit under lb's own keys; its environment_variables
             # under the real environment.
             values.update(catalogue.settings, catalogue=catalogue)
+            if catalogue.master_key:  # general_settings.master_key (os.environ/ resolved)
+                values["master_key"] = catalogue.master_key
             env = {**catalogue.environment, **env}
         for key, value in doc.items():
             setting = _BY_NAME.get(str(key))
@@ -673,6 +705,10 @@ def load_settings(
                     continue  # the catalogue's, or warned by it
                 raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
             values[setting.name] = _parse(setting, value, f"config file {config_file}")
+    if env and env.get("LITELLM_MASTER_KEY") and not env.get("LB_MASTER_KEY"):
+        values["master_key"] = _parse(
+            _BY_NAME["master_key"], env["LITELLM_MASTER_KEY"], "environment"
+        )
     for setting in SETTINGS:
         if setting.env and env.get(setting.env) not in (None, ""):
             values[setting.name] = _parse(setting, env[setting.env], "environment")

@@ -30,6 +30,8 @@ __all__ = [
     "NodeNotFound",
     "NotFound",
     "PayloadTooLarge",
+    "PaymentRequired",
+    "RateLimitExceeded",
     "RateLimited",
     "RequestTimeout",
     "ShuttingDown",
@@ -42,6 +44,8 @@ __all__ = [
 class LBError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str | None] = "internal_error"
+    # More response headers (name, value), lower-case bytes: e.g. a 429's x-ratelimit-*.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(
         self, message: str, *, param: str | None = None, retry_after: float | None = None,
@@ -72,6 +76,13 @@ class ContextWindowExceeded(BadRequest):
 class Unauthorized(LBError):
     status = 401
     code = "invalid_api_key"
+
+
+class PaymentRequired(LBError):
+    """A key's budget for the period is spent."""
+
+    status = 402
+    code = "budget_exceeded"
 
 
 class Forbidden(LBError):
@@ -135,6 +146,20 @@ class RateLimited(LBError):
 
     status = 429
     code = "rate_limited"
+
+
+class RateLimitExceeded(LBError):
+    """A key's own limit (requests, tokens or parallel requests per key): lb's policy."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: float,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.headers = headers
 
 
 class InternalError(LBError):

@@ -499,31 +499,24 @@ def test_litellm_master_key_from_the_environment_counts_as_set() -> None:
     assert parse({"aliases": {"a": "b"}}, {"LITELLM_MASTER_KEY": "sk-env"}).master_key is None
 
 
-def test_lb_serve_refuses_a_master_key_it_cannot_check_yet() -> None:
-    from test_cli import run_lb
-
-    result = run_lb("serve", "--config", str(HOMELAB), env=HOMELAB_ENV)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "lb: general_settings.master_key is set, but lb does not check client keys yet: "
-        "refusing to serve without the authentication the file asks for"
-    )
-
-
-def test_lb_serve_runs_the_homelab_file_and_warns_once(tmp_path: Path) -> None:
+def test_lb_serve_runs_the_homelab_file_with_its_master_key(tmp_path: Path) -> None:
+    """The file as is: its master key turns API keys on (no key: 401; the master key lists the
+    handles), and an unsupported key is warned about once."""
+    import httpx
     from test_cli import free_port, lb_serve
 
     doc = yaml.safe_load(HOMELAB.read_text())
-    del doc["general_settings"]  # until client keys land (see the test above)
     doc["litellm_settings"]["cache"] = True
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump(doc))
-    env = {k: v for k, v in HOMELAB_ENV.items() if k != "LITELLM_MASTER_KEY"}
-    env.update(SCAN_PORTS=str(free_port()), MIN_HEALTHY_NODES="0")
+    env = {**HOMELAB_ENV, "SCAN_PORTS": str(free_port()), "MIN_HEALTHY_NODES": "0",
+           "LB_DATA_DIR": str(tmp_path)}
+    master = HOMELAB_ENV["LITELLM_MASTER_KEY"]
     with lb_serve("--config", str(config), env=env) as (process, url):
-        import httpx
-
         assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        listed = httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {master}"})
+        assert {entry["id"] for entry in listed.json()["data"]} >= {"main", "deep", "fast"}
         process.terminate()
         _, stderr = process.communicate(timeout=10)
     assert stderr.count("litellm_settings.cache is not supported; ignored") == 1, stderr

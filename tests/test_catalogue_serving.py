@@ -27,8 +27,8 @@ ENV = {
 
 
 def homelab(tmp_path: Path, mlx: RunningMock) -> Path:
-    """The fixture with the MLX server's address pointed at `mlx` (and no master key: keys
-    are the policy issue's; the file is otherwise untouched)."""
+    """The fixture with the MLX server's address pointed at `mlx` (and no master key, so
+    that these requests need none; test_catalogue.py runs the file with its key)."""
     doc: dict[str, Any] = yaml.safe_load(FIXTURE.read_text())
     for entry in doc["model_list"]:
         if "192.168.1.72:8100" in entry["litellm_params"]["api_base"]:

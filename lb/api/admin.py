@@ -15,24 +15,31 @@ from lb.errors import BadRequest, Forbidden, Unauthorized
 from lb.http.routes import Router
 from lb.http.types import Request, Response
 
+# The admin key, or several that each open the admin endpoints (LB_ADMIN_KEY, LB_MASTER_KEY).
+AdminKey = str | tuple[str, ...]
 
-def check_bearer(request: Request, key: str, what: str = "admin key",
+
+def check_bearer(request: Request, key: AdminKey, what: str = "admin key",
                  setting: str = "LB_ADMIN_KEY") -> None:
-    """401 unless the request carries `Authorization: Bearer <key>`."""
+    """401 unless the request carries `Authorization: Bearer <key>` (one of them)."""
     header = request.header(b"authorization") or b""
     scheme, _, token = header.decode("latin-1").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    given = token.strip().encode()
+    accepted = (key,) if isinstance(key, str) else key
+    # Every key is compared (no early exit), so the time taken says nothing of which matched.
+    matched = [hmac.compare_digest(given, each.encode()) for each in accepted]
+    if scheme.lower() != "bearer" or not any(matched):
         raise Unauthorized(f"Missing or invalid {what} (Authorization: Bearer <{setting}>)")
 
 
-def check_admin(request: Request, admin_key: str) -> None:
+def check_admin(request: Request, admin_key: AdminKey) -> None:
     if not admin_key:
         raise Forbidden("Admin endpoints are disabled; set LB_ADMIN_KEY to enable them",
                         code="admin_disabled")
     check_bearer(request, admin_key)
 
 
-def require_admin_if_set(request: Request, admin_key: str) -> None:
+def require_admin_if_set(request: Request, admin_key: AdminKey) -> None:
     """Views of the topology (nodes, addresses, errors) need the admin key once one is set."""
     if admin_key:
         check_admin(request, admin_key)
@@ -41,7 +48,7 @@ def require_admin_if_set(request: Request, admin_key: str) -> None:
 def add_routes(
     router: Router,
     *,
-    admin_key: str,
+    admin_key: AdminKey,
     get_prefs: Callable[[], Prefs],
     change_prefs: Callable[[Prefs], Awaitable[bool]],  # True if the fleet got it too
     split_label: str = "version",

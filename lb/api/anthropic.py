@@ -27,6 +27,7 @@ from lb.http.routes import Router
 from lb.http.sse import SSE_HEADERS
 from lb.http.types import JSON_HEADERS, ClientGone, Headers, Request, Response, ResponseSink
 from lb.obs.observer import Trace
+from lb.policy.gate import Gate, estimate_tokens
 from lb.routing.dispatch import Dispatcher
 
 # Headers lb writes itself on a translated answer (the body is a new one).
@@ -206,8 +207,11 @@ async def _answer(
         finish_trace(dispatcher.observer, trace)
 
 
-def add_routes(router: Router, dispatcher: Dispatcher) -> None:
+def add_routes(router: Router, dispatcher: Dispatcher, gate: Gate | None = None) -> None:
+    """The Anthropic edge; with `gate` (keys on) every request needs a key (`x-api-key` or a
+    bearer token), checked first, and refusals come in Anthropic's shape."""
     observer = dispatcher.observer
+    keyed = gate is not None and gate.keys_on
 
     async def messages(request: Request) -> Response:
         trace = Trace(
@@ -216,19 +220,28 @@ def add_routes(router: Router, dispatcher: Dispatcher) -> None:
         )
         observer.started(trace)
         try:
+            record = await gate.identify(request, b"x-api-key") if gate is not None else None
             body = parse_body(request.body)
             tr.validate_request(body)
             chat = tr.messages_to_chat(body)
             stream = chat.get("stream") is True
             trace.stream, trace.requested_model = stream, body["model"]
+            if gate is not None:
+                trace.admission = await gate.admit(
+                    record, body["model"], estimate_tokens(request.body)
+                )
             intent = route_request(
                 _to_node(request, orjson.dumps(chat)), "chat", chat, stream, trace.arrival,
-                dispatcher.allowed,
+                dispatcher.allowed, keyed=keyed,
             )
         except LBError as exc:  # answered before anything was routed
             trace.status, trace.error = exc.status, exc.code
             finish_trace(observer, trace)
             return error_response(exc)
+        except trio.Cancelled:  # the client left while its key was being looked up
+            trace.status, trace.client_gone = CLIENT_CLOSED, True
+            finish_trace(observer, trace)
+            raise
         options = {
             "model": body["model"],
             "msg_id": "msg_" + request.request_id.replace("-", ""),

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import trio
 
-from lb.api.admin import require_admin_if_set
+from lb.api.admin import AdminKey, require_admin_if_set
 from lb.api.nodes import model_param
 from lb.api.ranking import ranking
 from lb.cluster.registry import Registry
@@ -29,7 +29,7 @@ def add_routes(
     registry: Registry,
     services: Mapping[str, ServiceStats],
     scan: ScanState,
-    admin_key: str = "",
+    admin_key: AdminKey = "",
     dispatcher: Dispatcher | None = None,
 ) -> None:
     async def eligible(request: Request) -> Response:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-from lb.api.admin import require_admin_if_set
+from lb.api.admin import AdminKey, require_admin_if_set
 from lb.cluster.node import Node
 from lb.cluster.registry import Registry
 from lb.errors import BadRequest, ModelNotFound
 from lb.http.routes import Router
 from lb.http.types import Request, Response
 from lb.obs.nodes import NodeCounters
+from lb.policy.keys import KeyRecord
 from lb.routing.eligibility import blocked
 
 CREATED = 1700000000  # OpenAI's list shape needs a timestamp; the node's own is not shared
@@ -60,12 +61,14 @@ def add_routes(
     registry: Registry,
     min_healthy: int,
     fleet_status: Callable[[], dict[str, object]] | None = None,
-    admin_key: str = "",
+    admin_key: AdminKey = "",
     model_grace: float = 600.0,
     counters: NodeCounters | None = None,
+    identify: Callable[[Request], Awaitable[KeyRecord | None]] | None = None,
     aliases: Mapping[str, str] | None = None,
     alias_only: bool = False,
 ) -> None:
+    """`identify` (API keys on): the models need a key, and list only those it may use."""
     counted = counters or NodeCounters()
     aliases = aliases or {}
 
@@ -85,6 +88,7 @@ def add_routes(
         }
 
     async def list_models(request: Request) -> Response:
+        record = await identify(request) if identify is not None else None
         data = [] if alias_only else [
             _model_entry(m, registry) for m in registry.models() if "*" not in m  # no patterns
         ]
@@ -95,10 +99,15 @@ def add_routes(
         ]
         if not alias_only:
             data += sorted(gone().values(), key=lambda entry: str(entry["id"]))
+        if record is not None:  # a key sees the models it may use
+            data = [entry for entry in data if record.allows(str(entry["id"]))]
         return Response.json({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
+        record = await identify(request) if identify is not None else None
         model = request.path_params["model"]
+        if record is not None and not record.allows(model):
+            raise ModelNotFound(f"The model '{model}' does not exist")
         if model in aliases and registry.serving(aliases[model]):
             return Response.json(_alias_entry(model, aliases[model], registry))
         if registry.serving(model):

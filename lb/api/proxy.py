@@ -20,6 +20,7 @@ from lb.http.errors import stream_error
 from lb.http.routes import Router
 from lb.http.types import ClientGone, Headers, Request, Response, ResponseSink
 from lb.obs.observer import RequestObserver, Trace
+from lb.policy.gate import Gate, estimate_tokens
 from lb.routing.dispatch import HOP_BY_HOP, Dispatcher
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind
@@ -40,6 +41,8 @@ _ENDPOINTS: dict[str, tuple[ModelKind, str]] = {
 _NOT_TO_NODE = HOP_BY_HOP | {
     b"accept-encoding", b"content-type", b"x-request-id", b"cookie", b"authorization",
 }
+# With API keys on, the client's key is lb's business only: no node gets it, however configured.
+_NOT_TO_NODE_KEYED = _NOT_TO_NODE | {b"x-api-key"}
 _JSON = (b"content-type", b"application/json")
 CLIENT_CLOSED = 499  # the status nginx logs for a client that left before its answer
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -84,7 +87,7 @@ def validate(body: dict[str, Any], kind: ModelKind, required: str) -> bool:
 
 def route_request(
     request: Request, kind: ModelKind, body: dict[str, Any], stream: bool, arrival: float,
-    allowed: frozenset[Strategy] = ALL_STRATEGIES,
+    allowed: frozenset[Strategy] = ALL_STRATEGIES, keyed: bool = False,
 ) -> RouteRequest:
     """The HTTP request as routing sees it; the client may choose a strategy of `allowed`."""
     session = request.header(b"x-session-id")
@@ -129,8 +132,8 @@ def route_request(
         node=forced or None,
         prefer_small=request.header(b"x-prefer-small") in (b"1", b"true"),
         strategy=strategy,
-        headers=node_headers(request),
-        authorization=request.header(b"authorization"),
+        headers=node_headers(request, keyed),
+        authorization=None if keyed else request.header(b"authorization"),
     )
 
 
@@ -155,11 +158,11 @@ def _names(allowed: frozenset[Strategy]) -> str:
     return ", ".join(s.value.lower() for s in Strategy if s in allowed)
 
 
-def node_headers(request: Request) -> Headers:
+def node_headers(request: Request, keyed: bool = False) -> Headers:
     """The client's end-to-end headers, plus lb's content type and the request id when it is a
     UUID (lb's own are). Headers the client's `Connection` header names are hop-by-hop too
-    (RFC 9110 §7.6.1)."""
-    dropped = _NOT_TO_NODE
+    (RFC 9110 §7.6.1). `keyed` (API keys on): the client's key is not sent on."""
+    dropped = _NOT_TO_NODE_KEYED if keyed else _NOT_TO_NODE
     for key, value in request.headers:
         if key == b"connection":
             named = {token.strip().lower() for token in value.split(b",")}
@@ -192,6 +195,10 @@ async def answer(
 ) -> None:
     """Dispatch, and end a stream that broke after its head went out with the error event.
     However it ends, the observers hear of it once."""
+    admission = trace.admission
+    if admission is not None:
+        for name, value in admission.headers:  # the key's x-ratelimit-*, on whatever answer
+            sink.tag(name, value)
     try:
         await dispatcher.execute(intent, sink, trace)
     except LBError as exc:
@@ -215,7 +222,8 @@ def finish_trace(observer: RequestObserver, trace: Trace) -> None:
     observer.finished(trace)
 
 
-def add_routes(router: Router, dispatcher: Dispatcher) -> None:
+def add_routes(router: Router, dispatcher: Dispatcher, gate: Gate | None = None) -> None:
+    """The OpenAI edge; with `gate` (keys on) every request needs a key, checked first."""
     observer = dispatcher.observer
     for path, (kind, required) in _ENDPOINTS.items():
 
@@ -228,14 +236,24 @@ def add_routes(router: Router, dispatcher: Dispatcher) -> None:
             )
             observer.started(trace)
             try:
+                record = await gate.identify(request) if gate is not None else None
                 body = parse_body(request.body)
                 stream = validate(body, kind, required)
                 trace.stream, trace.requested_model = stream, body["model"]
+                if gate is not None:
+                    trace.admission = await gate.admit(
+                        record, body["model"], estimate_tokens(request.body)
+                    )
                 intent = route_request(
-                    request, kind, body, stream, trace.arrival, dispatcher.allowed
+                    request, kind, body, stream, trace.arrival, dispatcher.allowed,
+                    keyed=gate is not None and gate.keys_on,
                 )
             except LBError as exc:  # answered by the server before anything was routed
                 trace.status, trace.error = exc.status, exc.code
+                finish_trace(observer, trace)
+                raise
+            except trio.Cancelled:  # the client left while its key was being looked up
+                trace.status, trace.client_gone = CLIENT_CLOSED, True
                 finish_trace(observer, trace)
                 raise
             return Response(stream=functools.partial(answer, dispatcher, intent, trace))

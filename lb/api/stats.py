@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from lb.api.admin import require_admin_if_set
+from lb.api.admin import AdminKey, require_admin_if_set
 from lb.api.ranking import score_parts
 from lb.cluster.registry import Registry
 from lb.http.routes import Router
@@ -26,7 +26,7 @@ def add_routes(
     stats: RoutingStats,
     *,
     strategy: str,
-    admin_key: str = "",
+    admin_key: AdminKey = "",
     dispatcher: Dispatcher | None = None,
 ) -> None:
     async def routing_stats(request: Request) -> Response:

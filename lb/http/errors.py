@@ -56,6 +56,7 @@ def error_headers(error: LBError, body: bytes) -> Headers:
     headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
     if error.retry_after is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()))
+    headers += error.headers
     if isinstance(error, MethodNotAllowed):
         headers.append((b"allow", ", ".join(error.allowed).encode()))
     elif error.status == 401:

@@ -55,6 +55,7 @@ class Trace:
     upstream_request_id: str | None = None
     client_gone: bool = False  # the client left (or stopped reading) before the end
     duration: float = 0.0  # seconds from arrival to the end
+    admission: Any = None  # the policy gate's hold on the request (keys on), settled at the end
 
 
 class RequestObserver(Protocol):
