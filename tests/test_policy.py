@@ -417,3 +417,30 @@ async def test_a_models_limit_is_shared_by_keys_and_refusals_cost_the_key_nothin
 def test_bad_rate_limits_name_the_setting(text: str) -> None:
     with pytest.raises(ConfigError, match="LB_RATE_LIMITS"):
         load_settings(env={"LB_RATE_LIMITS": text})
+
+
+async def test_keys_on_the_anthropic_edge(nursery: trio.Nursery) -> None:
+    """/v1/messages takes the key as x-api-key (or a bearer token) and refuses in Anthropic's
+    shape: no key 401, a model the key may not use 403, its RPM spent 429 with the headers."""
+    import anthropic
+
+    node = await start_mock(nursery, models=(MODEL,))
+    lb = await keyed_lb(nursery, [node])
+    key = (await generate(lb, models=[MODEL], rpm_limit=1))["key"]
+    asking: Any = {"max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient() as http:  # the SDK will not send a request without a key
+        refused = await http.post(f"{lb.url}/v1/messages", json={"model": MODEL, **asking})
+    assert refused.status_code == 401
+    assert refused.json() == {"type": "error", "error": {
+        "type": "authentication_error", "message": refused.json()["error"]["message"]}}
+    keyed = anthropic.AsyncAnthropic(base_url=lb.url, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await keyed.messages.create(model="other-model", **asking)
+    answer = await keyed.messages.create(model=MODEL, **asking)
+    assert answer.content[0].type == "text"
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        await keyed.messages.create(model=MODEL, **asking)
+    headers = limited.value.response.headers
+    assert headers["x-ratelimit-limit-requests"] == "1" and "retry-after" in headers
+    assert all(k.lower() not in ("x-api-key", "authorization")
+               for k, _ in (await node.requests())[-1]["raw_headers"])

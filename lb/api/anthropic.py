@@ -12,7 +12,6 @@ nodes that `forward_auth`.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import trio
 from lb.api import anthropic_translate as tr
 from lb.api.proxy import CLIENT_CLOSED, finish_trace, parse_body, route_request
 from lb.errors import BadRequest, LBError
+from lb.http.errors import error_headers
 from lb.http.routes import Router
 from lb.http.sse import SSE_HEADERS
 from lb.http.types import JSON_HEADERS, ClientGone, Headers, Request, Response, ResponseSink
@@ -37,13 +37,6 @@ _REWRITTEN = frozenset({b"content-length", b"content-type", b"content-encoding"}
 def error_response(error: LBError) -> Response:
     body = orjson.dumps(tr.lb_error_payload(error))
     return Response(error.status, error_headers(error, body), body)
-
-
-def error_headers(error: LBError, body: bytes) -> Headers:
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    if error.retry_after is not None:
-        headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()))
-    return headers
 
 
 def _to_node(request: Request, body: bytes) -> Request:
