@@ -111,4 +111,6 @@ async def test_errors() -> None:
         async with anthropic_behind_lb(key="wrong") as (client, _):
             with pytest.raises(openai.APIStatusError) as refused:
                 await client.chat.completions.create(model="claude-test", messages=CHAT)
-            assert "lb's credential" in refused.value.message
+            # lb's configuration is wrong, not the client's request: the node failed (502)
+            assert refused.value.status_code == 502
+            assert "refused lb's credential" in refused.value.message

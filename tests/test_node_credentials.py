@@ -103,3 +103,24 @@ def test_node_fields_in_yaml() -> None:
             assert message in str(exc)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+async def test_a_node_refusing_lbs_credential_is_failed_over(nursery: trio.Nursery) -> None:
+    """A 401 from a node lb gives a key to is lb's misconfiguration, not the client's fault:
+    the node is charged and the request goes to another."""
+    wrong = await start_mock(nursery, dialect="anthropic", models=("m",), api_key="right")
+    good = await start_mock(nursery, dialect="anthropic", models=("m",), api_key="right")
+    configs = (
+        NodeConfig(wrong.url, dialect="anthropic", api_key="stale", models=("m",)),
+        NodeConfig(good.url, dialect="anthropic", api_key="right", models=("m",)),
+    )
+    lb = await start_lb(nursery, [], configs=configs, routing_strategy="FAILOVER",
+                        admin_key="admin")
+    response = await _chat(lb.url)
+    assert response.status_code == 200
+    assert response.headers["x-routed-node"] == good.key
+    assert response.headers["x-attempts"] == "2"
+    async with httpx.AsyncClient(headers={"authorization": "Bearer admin"}) as client:
+        nodes = (await client.get(f"{lb.url}/v1/nodes")).json()["nodes"]
+    charged = next(node for node in nodes if node["node"] == wrong.key)
+    assert charged["failures"] == 1 and "refused lb's credential" in charged["last_error"]

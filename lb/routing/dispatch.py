@@ -735,6 +735,10 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
+        if status in (401, 403) and node.auth_headers:
+            # The node refused lb's own credential: lb's configuration, not the client's
+            # request, is wrong; the node cannot serve anyone until it is fixed.
+            return Outcome.FAILURE, f"refused lb's credential ({await _quote(up)})", None
         if self.racer is not None:  # hedging: the first answer wins the sink
             self._claim(self.racer)
         if not node.dialect.passthrough:
