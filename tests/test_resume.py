@@ -29,7 +29,14 @@ from harness import (
 from hypothesis import given
 from hypothesis import strategies as st
 from test_access_log import Logs, logs  # noqa: F401  (the fixture)
+from test_dispatch import MODEL as D_MODEL
+from test_dispatch import SSE, RecordingSink, Step, dispatcher, failures
+from test_dispatch import Script as D_Script
+from test_dispatch import intent as d_intent
+from test_dispatch import node as d_node
+from test_dispatch import trace as d_trace
 
+from lb.errors import DeadlineExceeded
 from lb.routing import resume
 from lb.routing.resume import Rewriter, StreamTranscript, continuation
 from lb.testing.mock import _answer_text
@@ -411,3 +418,47 @@ async def test_completions_resume_with_the_text_appended_to_the_prompt(
         events = parse_stream(raw)
         assert events.count("[DONE]") == 1 and len({e["id"] for e in events[:-1]}) == 1
         assert sum(e["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 1
+
+
+# --- on trio's autojump clock: idle nodes and the one deadline ------------------------------
+
+
+def _chunks(cid: str, words: list[str], finish: bool) -> list[Step]:
+    steps: list[Step] = [chunk(cid, 1, D_MODEL, {"role": "assistant", "content": ""})]
+    steps += [chunk(cid, 1, D_MODEL, {"content": word}) for word in words]
+    if finish:
+        steps += [chunk(cid, 1, D_MODEL, finish="stop"), b"data: [DONE]\n\n"]
+    return steps
+
+
+async def test_a_node_gone_idle_is_charged_and_another_continues(autojump_clock: Any) -> None:
+    a, _ = d_node(D_Script(headers=list(SSE), body=[*_chunks("a", ["Hel", "lo"], False), 1000.0]))
+    b, upstream_b = d_node(D_Script(headers=list(SSE), body=_chunks("b", [" world"], True)),
+                           port=2)
+    d = dispatcher(a, b, stream_resume=True, stream_idle_timeout=30.0,
+                   routing_strategy="FAILOVER")
+    sink = RecordingSink()
+    started = trio.current_time()
+    await d.execute(d_intent(stream=True), sink, d_trace())
+    assert 27 <= trio.current_time() - started <= 31  # cut after 0.9 to 1 idle timeouts
+    check_one_stream(parse_stream(sink.body), "Hello world", D_MODEL)
+    assert failures(a) == 1 and failures(b) == 0
+    sent = orjson.loads(upstream_b.requests[0]["body"])
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Hello"}
+
+
+async def test_resumes_stay_inside_the_one_deadline(autojump_clock: Any) -> None:
+    a, _ = d_node(D_Script(headers=list(SSE), body=[*_chunks("a", ["Hel"], False), 1000.0]))
+    # The second node would answer, but only after the request's deadline.
+    b, upstream_b = d_node(
+        D_Script(headers=list(SSE), body=_chunks("b", ["lo"], True), head_after=100.0), port=2
+    )
+    d = dispatcher(a, b, stream_resume=True, stream_idle_timeout=30.0, request_timeout=60.0,
+                   routing_strategy="FAILOVER")
+    sink = RecordingSink()
+    started = trio.current_time()
+    with pytest.raises(DeadlineExceeded):
+        await d.execute(d_intent(stream=True), sink, d_trace())
+    assert trio.current_time() - started == pytest.approx(60.0)
+    assert sink.committed and len(upstream_b.requests) == 1
+    assert failures(b) == 0  # the deadline is nobody's failure
