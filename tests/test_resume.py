@@ -462,3 +462,28 @@ async def test_resumes_stay_inside_the_one_deadline(autojump_clock: Any) -> None
     assert trio.current_time() - started == pytest.approx(60.0)
     assert sink.committed and len(upstream_b.requests) == 1
     assert failures(b) == 0  # the deadline is nobody's failure
+
+
+async def test_the_mock_continues_a_final_assistant_message_as_vllm_does(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+        mock = await start_mock(nursery, models=(MODEL,), tokens=TOKENS)
+        url = f"{mock.url}/v1/chat/completions"
+        messages = [*CHAT["messages"], {"role": "assistant", "content": _answer_text(5)}]
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(url, json={
+                "model": MODEL, "messages": messages, "continue_final_message": True,
+                "add_generation_prompt": False, "max_tokens": 4,
+            })
+            assert answer.json()["choices"][0]["message"]["content"] \
+                == _answer_text(9)[len(_answer_text(5)):]
+            assert answer.json()["choices"][0]["finish_reason"] == "length"
+            # vLLM's refusals: with add_generation_prompt (true by default), or a user last.
+            for body in (
+                {"messages": messages, "continue_final_message": True},
+                {"messages": CHAT["messages"], "continue_final_message": True,
+                 "add_generation_prompt": False},
+            ):
+                refused = await client.post(url, json={"model": MODEL, **body})
+                assert refused.status_code == 400
