@@ -163,6 +163,9 @@ async def one_run(args: argparse.Namespace, resume: bool, logdir: Path) -> dict[
     victim_key = f"{HOST}:{victim.port}"
     on_victim = [r for r in results if r["node"] == victim_key]
     count = {k: sum(r["outcome"] == k for r in results) for k in ("whole", "incoherent", "broken")}
+    # Broken by the kill (the error event of a stream cut mid-answer), or by anything else (a
+    # loaded client too slow to send its request in time gets lb's 408).
+    count["broken_mid_stream"] = sum("mid-stream" in (r["error"] or "") for r in results)
     return {
         "resume": resume,
         "streams": len(results),
@@ -193,16 +196,18 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], command: str) -
         "reason, and exactly the text of one uninterrupted answer. STREAM_RESUME_MAX="
         f"{args.resume_max}.",
         "",
-        "| STREAM_RESUME | rep | streams | whole | incoherent | broken | on the killed node | "
-        "of those whole | resumed (access log) | streams open at the kill | kill at s | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| STREAM_RESUME | rep | streams | whole | incoherent | broken mid-stream | broken "
+        "otherwise | on the killed node | of those whole | resumed (access log) | "
+        "streams open at the kill | kill at s | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     reps: dict[bool, int] = {False: 0, True: 0}
     for run in runs:
         reps[run["resume"]] += 1
         lines.append(
             f"| {'on' if run['resume'] else 'off'} | {reps[run['resume']]} | {run['streams']} | "
-            f"{run['whole']} | {run['incoherent']} | {run['broken']} | {run['on_killed_node']} | "
+            f"{run['whole']} | {run['incoherent']} | {run['broken_mid_stream']} | "
+            f"{run['broken'] - run['broken_mid_stream']} | {run['on_killed_node']} | "
             f"{run['on_killed_node_whole']} | {run['resumed_in_access_log']} | "
             f"{run['ended_after_the_kill']} | {run['killed_at_s']} | {run['seconds']} |"
         )
