@@ -486,3 +486,13 @@ async def test_the_mock_continues_a_final_assistant_message_as_vllm_does(
             ):
                 refused = await client.post(url, json={"model": MODEL, **body})
                 assert refused.status_code == 400
+
+
+async def test_a_hedged_stream_is_resumed_too(nursery: trio.Nursery) -> None:
+    """With HEDGE_AFTER_MS the first attempt runs inside a race; a stream it won and then
+    broke goes on on the other node all the same."""
+    with trio.fail_after(10):
+        lb, _dying, healthy = await two_nodes(nursery, "drop-after=5", hedge_after_ms=5000)
+        chunks, text = await sdk_stream(lb)
+        assert text == WHOLE and len({c.id for c in chunks}) == 1
+        assert (await healthy.requests())[-1]["body"]["continue_final_message"] is True
