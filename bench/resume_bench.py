@@ -186,7 +186,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], command: str) -
         "",
         f"Command: `{command}` (commit {git_rev()}).",
         "",
-        f"{args.streams} chat streams at once through one lb over {args.nodes} mock nodes "
+        f"{args.streams} chat streams ({args.ramp_ms:g} ms apart) through one lb over "
+        f"{args.nodes} mock nodes "
         f"(`lb mock --tokens {args.tokens} --itl-ms {args.itl_ms:g}`, so a stream lasts about "
         f"{args.tokens * args.itl_ms / 1000:.1f} s unloaded); the first node is SIGKILLed "
         f"{args.kill_after:g} s after {args.kill_at_heads:.0%} of the streams got their head. "
