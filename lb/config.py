@@ -17,6 +17,7 @@ import attrs
 import yaml
 
 from lb.policy.counters import Limits, parse_limits
+from lb.routing import resume
 from lb.routing.hedge import HedgeAfter, parse_hedge_after
 from lb.routing.split import parse_weights
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
@@ -198,6 +199,10 @@ def _strategies(value: Any) -> tuple[str, ...]:
         if canonical not in result:
             result.append(canonical)
     return tuple(result)
+
+
+def _resume_mode(value: Any) -> str:
+    return _choice(*(mode.upper() for mode in resume.MODES))(value).lower()
 
 
 def _log_level(value: Any) -> str:
@@ -461,6 +466,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hedge_after_ms", "HEDGE_AFTER_MS", parse_hedge_after,
             "Hedge an attempt with no answer after N ms ('adaptive': p95; 0: off)"),
     Setting("hedge_max", "HEDGE_MAX", _int(1), "Hedges per attempt (HEDGE_AFTER_MS)"),
+    Setting("stream_resume", "STREAM_RESUME", _bool,
+            "Continue a stream whose node fails mid-answer on another node"),
+    Setting("stream_resume_max", "STREAM_RESUME_MAX", _int(0), "Resumes per request at most"),
+    Setting("stream_resume_mode", "STREAM_RESUME_MODE", _resume_mode,
+            "prefill (trailing assistant message) or instruction; node label resume_mode wins"),
+    Setting("stream_resume_prompt", "STREAM_RESUME_PROMPT", _text,
+            "The user message that asks to go on, in instruction mode"),
     Setting("breaker_threshold", "CIRCUIT_BREAKER_THRESHOLD", _int(0),
             "Consecutive failures that open a node's breaker (0 = off)"),
     Setting("breaker_ttl", "CIRCUIT_BREAKER_TTL_SECS", _seconds, "How long a breaker stays open"),
@@ -559,6 +571,10 @@ class Settings:
     max_retries: int = 2
     hedge_after_ms: HedgeAfter = None
     hedge_max: int = 1
+    stream_resume: bool = False
+    stream_resume_max: int = 1
+    stream_resume_mode: str = resume.PREFILL
+    stream_resume_prompt: str = resume.DEFAULT_PROMPT
     breaker_threshold: int = 3
     breaker_ttl: float = 30.0
     default_maxconn: int = 0

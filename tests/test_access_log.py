@@ -93,6 +93,7 @@ def test_json_fields() -> None:
         "status": 200, "attempts": 1, "hedges": 0, "duration_ms": 12.3, "ttfb_ms": 4.1,
         "prompt_tokens": 5, "completion_tokens": 16, "tokens_estimated": False, "error": None,
         "upstream_request_id": "up-7", "client": "127.0.0.1:50412", "client_gone": False,
+        "resumes": 0,
     }
 
 

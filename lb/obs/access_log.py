@@ -11,7 +11,8 @@ format (`lb.obs.logs`) writes them as top-level keys; the message is the readabl
 (on one line). Fields lb does not know are left out of the text (`null` in JSON); `resolved`
 only when it differs from the model asked for; `tokens=<prompt>+<completion>`, `?` for a count
 not known and `~` before a completion count estimated from the stream's events; flags `stream`
-and `client_gone` when true; `hedges=N` when hedging started N of the attempts; `error=<code>`
+and `client_gone` when true; `hedges=N` when hedging started N of the attempts;
+`resumed=N` when STREAM_RESUME continued the stream on another node N times; `error=<code>`
 when the client got one. A value that is empty or holds a space, a quote or a control character
 is written as a JSON string. No header is ever logged: keys, cookies and `Authorization` never
 reach a log line.
@@ -55,6 +56,7 @@ def access_fields(trace: Trace) -> dict[str, Any]:
         "upstream_request_id": trace.upstream_request_id,
         "client": trace.client,
         "client_gone": trace.client_gone,
+        "resumes": trace.resumes,
     }
 
 
@@ -99,6 +101,8 @@ def access_text(trace: Trace) -> str:
         parts.append(f"client={_value(trace.client)}")
     if trace.client_gone:
         parts.append("client_gone")
+    if trace.resumes:
+        parts.append(f"resumed={trace.resumes}")
     return " ".join(parts)
 
 

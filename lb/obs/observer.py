@@ -54,6 +54,7 @@ class Trace:
     usage_estimated: bool = False  # completion tokens counted from stream events, not reported
     upstream_request_id: str | None = None
     client_gone: bool = False  # the client left (or stopped reading) before the end
+    resumes: int = 0  # STREAM_RESUME: times the stream went on on another node
     duration: float = 0.0  # seconds from arrival to the end
     admission: Any = None  # the policy gate's hold on the request (keys on), settled at the end
 

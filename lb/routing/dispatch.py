@@ -50,7 +50,7 @@ from lb.http.types import ClientGone, Headers, ResponseSink
 from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
-from lb.routing import hedge, prefix, split, strategies
+from lb.routing import hedge, prefix, resume, split, strategies
 from lb.routing.context import check_context, estimate_tokens
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
@@ -313,10 +313,17 @@ class Dispatcher:
         plan = self.plan(intent, trace)
         sink.tag(b"x-selected-model", plan.model.encode())
         run = _Run(self, plan, sink, trace, self.observer)
+        if self.settings.stream_resume and plan.stream:
+            run.watch(intent)
         with trio.move_on_at(plan.deadline) as scope:
             sink.cancel_on_drain(scope)
             try:
-                await run.run()
+                try:
+                    await run.run()
+                except UpstreamStreamError as exc:
+                    if run.transcript is None:
+                        raise
+                    await run.resume(exc)
                 return
             except _DeadlinePassed:
                 pass
@@ -418,6 +425,11 @@ class _Run:
     busy_for: list[float] = attrs.field(factory=list)  # the 429s' Retry-After
     writing: bool = False  # a write to the client is under way: a cut here is the client's
     racer: _Racer | None = None  # hedging: this copy runs one attempt of a race
+    # STREAM_RESUME: what the client got so far, the request to continue, the current rewriter.
+    transcript: resume.StreamTranscript | None = None
+    resume_body: dict[str, Any] | None = None
+    rewriter: resume.Rewriter | None = None
+    resumes: int = 0
 
     async def run(self) -> None:
         tried: set[str] = set()
@@ -570,6 +582,77 @@ class _Run:
                 return node, token
             node.limiter.release_on_behalf_of(token)
         return None
+
+    def watch(self, intent: RouteRequest) -> None:
+        """Keep a transcript of the stream, if another node could continue it."""
+        chat = intent.kind == "chat"
+        if intent.kind != "embedding" and resume.request_resumable(intent.body, chat):
+            self.transcript = resume.StreamTranscript(chat)
+            self.resume_body = {**intent.body, "model": self.plan.model}
+
+    async def resume(self, error: UpstreamStreamError) -> None:
+        """STREAM_RESUME: continue a stream that broke after its head went out on another
+        node, at most STREAM_RESUME_MAX times, inside the request's deadline; re-raises the
+        latest stream error when it cannot (the client then gets the error event)."""
+        transcript, body = self.transcript, self.resume_body
+        assert transcript is not None and body is not None
+        settings = self.dispatcher.settings
+        registry = self.dispatcher.registry
+        trace = self.trace
+        plan = self.plan
+        while True:
+            if transcript.finish_reason is not None and not (
+                transcript.choices or transcript.broken or transcript.done
+            ):
+                # The answer was whole; only its end marker (and usage) went missing.
+                self.writing = True
+                await self.sink.send(resume.DONE_EVENT)
+                self.writing = False
+                return
+            if not transcript.resumable or self.resumes >= settings.stream_resume_max:
+                raise error
+            # Not a node that failed in this request, nor one that would translate the request
+            # or answer it with another model (a fallback): their words would not continue it.
+            skip = self.failed | {trace.node or ""} | {
+                node.key for node in plan.candidates
+                if not node.dialect.passthrough or node.key in plan.fallback
+            }
+            try:
+                node, token = await self._acquire(skip)
+            except LBError:
+                raise error from None
+            self.resumes += 1
+            self.count += 1
+            trace.attempts, trace.node, trace.resumes = self.count, node.key, self.resumes
+            mode = node.config.labels.get("resume_mode", settings.stream_resume_mode)
+            if mode not in resume.MODES:
+                mode = settings.stream_resume_mode
+            follow = resume.continuation(body, transcript, mode, settings.stream_resume_prompt)
+            self.plan = attrs.evolve(plan, body=orjson.dumps(follow), fields=follow)
+            self.rewriter = resume.Rewriter(transcript)
+            log.info(
+                "request %s: resuming the stream on %s (%s, %d tokens carried)",
+                plan.request_id, node.key, mode, transcript.content_events,
+            )
+            try:
+                answer = await self._attempt(node)
+            except UpstreamStreamError as exc:
+                error = exc
+                continue
+            finally:
+                registry.release(node, token)
+                self.plan, self.rewriter = plan, None
+            if answer is not None:  # a whole answer (a 4xx) is no continuation
+                quote = _error_message(answer.body)
+                error = UpstreamStreamError(
+                    f"Node {node.key} refused to continue the stream: HTTP {answer.status}"
+                    + (f": {quote}" if quote else "")
+                )
+                continue
+            if trace.usage_estimated or trace.completion_tokens is None:
+                trace.completion_tokens = transcript.content_events
+                trace.usage_estimated = True
+            return
 
     def _give_up(self) -> None:
         model = self.plan.model
@@ -745,7 +828,8 @@ class _Run:
             return await self._translated(node, up, scope)
         headers = _from_node(up.headers, self.trace)
         if status == 200 and _is_event_stream(up.headers):
-            self.sink.head(status, headers)
+            if not self.sink.committed:  # a resumed stream goes on under the first head
+                self.sink.head(status, headers)
             self.trace.status = status
             outcome, reason = await self._pump(up, scope)
             return outcome, reason, None
@@ -771,6 +855,7 @@ class _Run:
         receive = up.receive_some
         send = self.sink.send
         splitter = EventSplitter()
+        transcript, rewriter = self.transcript, self.rewriter
         last = b""
         trace = self.trace
         usage: tuple[int, int] | None = None
@@ -785,12 +870,16 @@ class _Run:
                 if not data:
                     break
                 data = splitter.feed(data)
+                if rewriter is not None and data:
+                    data = rewriter.feed(data)
                 if data:
                     if trace.first_byte is None:
                         self._first_byte()
                     self.writing = True
                     await send(data)
                     self.writing = False
+                    if transcript is not None and rewriter is None:
+                        transcript.feed(data)
                     last = data
                     trace.chunks += 1
                     if b'"usage"' in data:
@@ -812,6 +901,10 @@ class _Run:
         close_delimited = _close_delimited(up.headers)
         if rest and (not close_delimited or b"[DONE]" in rest):
             # The node ended its message itself, inside an event: those bytes are its own.
+            if rewriter is not None:
+                rest = rewriter.feed(rest)
+            elif transcript is not None:
+                transcript.feed(rest)
             self.writing = True
             await send(rest)
             self.writing = False
@@ -831,6 +924,8 @@ class _Run:
         dialect, plan, trace, status = node.dialect, self.plan, self.trace, up.status
         kept = [item for item in _from_node(up.headers, trace) if item[0] != b"content-type"]
         if plan.stream and dialect.is_stream(status, up.headers):
+            if self.transcript is not None:  # a translated stream is not watched: no resume
+                self.transcript.broken = True
             self.sink.head(status, [*_SSE_HEAD, *kept])
             trace.status = status
             translator = dialect.translator(plan.kind, plan.model, plan.fields)

@@ -46,6 +46,10 @@ body's last chunk.
 lb.testing.mock_anthropic). `api_key`, when set, must come with every API request
 (`Authorization: Bearer <key>`, or Anthropic's `x-api-key`), else 401.
 
+A chat request with `continue_final_message: true` (vLLM's native prefill) goes on from the
+trailing assistant message: its words count as the answer's first tokens, so a continued answer
+is what one node would have streamed whole (STREAM_RESUME's tests rely on it).
+
 `GET /mock/requests` shows the last requests as received: `headers` maps each name (lower-case,
 as h11 gives it) to its value, repeated headers joined with ", " in the order received, and
 `raw_headers` lists the `[name, value]` pairs exactly in the order received, repeats included.
@@ -503,8 +507,9 @@ class MockNode:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty array", param="messages")
         prompt_tokens = sum(_message_words(m) for m in messages)
+        start = _continued_from(body, messages)
         n, finish = _completion_length(
-            body, knobs.tokens, self.honours_max_completion_tokens
+            body, max(knobs.tokens - start, 0), self.honours_max_completion_tokens
         )
         knobs, on_done = self._timed(
             knobs, _chat_prompt_bytes(messages) if self.prefix_cache else None
@@ -518,10 +523,12 @@ class MockNode:
             return _stream(
                 _CHAT, cid, created, model, n, finish,
                 _usage(prompt_tokens, n) if _include_usage(body) else None, knobs, on_done,
+                start,
             )
         await _generate_delay(knobs, n)
         if on_done is not None:
             on_done()
+        text = _answer_text(n) if not start else _answer_text(start + n)[len(_answer_text(start)):]
         return Response.json({
             "id": cid,
             "object": "chat.completion",
@@ -529,7 +536,7 @@ class MockNode:
             "model": model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": _answer_text(n)},
+                "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish,
             }],
@@ -747,6 +754,27 @@ def _embed_input(value: Any, dim: int) -> tuple[list[list[float]], int]:
     )
 
 
+def _continued_from(body: dict[str, Any], messages: list[Any]) -> int:
+    """vLLM's `continue_final_message`: the answer goes on from the trailing assistant
+    message, whose words are the answer's first tokens (the mock's tokens are words), so the
+    continuation is what one uninterrupted answer would have been. Like vLLM, it refuses the
+    flag with `add_generation_prompt` (true by default) or without an assistant message last."""
+    if body.get("continue_final_message") is not True:
+        return 0
+    if body.get("add_generation_prompt", True) is not False:
+        raise BadRequest(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        raise BadRequest(
+            "continue_final_message needs the final message to be the assistant's",
+            param="messages",
+        )
+    return _message_words(last)
+
+
 def _completion_length(
     body: dict[str, Any], tokens: int, honours_max_completion_tokens: bool = True
 ) -> tuple[int, str]:
@@ -851,11 +879,13 @@ _TEXT = _StreamKind(b"text_completion", None, _text_token_tail, _text_finish_tai
 def _stream(
     kind: _StreamKind, cid: str, created: int, model: str, n: int, finish: str,
     usage: dict[str, int] | None, knobs: _Knobs, on_done: Callable[[], None] | None = None,
+    start: int = 0,
 ) -> Response:
     """An SSE answer: [role], one chunk per token, finish, [usage], [DONE]; TTFT and ITL
     delays and `drop-after` apply to these frames, and `drop-after-done` drops the connection
     after the last of them (in place of the chunked body's last chunk). `on_done` is called
-    once every frame is sent, unless `drop-after` cut them."""
+    once every frame is sent, unless `drop-after` cut them. `start`: the index of the first
+    token (a continued answer's)."""
     id_json = orjson.dumps(cid)
     model_json = orjson.dumps(model)
     created_bytes = str(created).encode()
@@ -868,7 +898,7 @@ def _stream(
         frames.append(head + kind.role_tail)
     first_token = len(frames)
     token_tail = kind.token_tail
-    frames.extend([head + token_tail(i) for i in range(n)])
+    frames.extend([head + token_tail(i) for i in range(start, start + n)])
     frames.append(head + kind.finish_tail(finish))
     if usage is not None:
         frames.append(
