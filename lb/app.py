@@ -9,7 +9,7 @@ import resource
 import signal
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -38,6 +38,7 @@ from lb.supervise import ServiceStats, supervise
 
 if TYPE_CHECKING:
     from lb.cluster.fleet import Fleet
+    from lb.workers import WorkerInfo
 
 log = logging.getLogger("lb")
 
@@ -55,6 +56,11 @@ def raise_open_files_limit() -> None:
             log.debug("open files limit raised from %d to %d", soft, hard)
     except (OSError, ValueError) as exc:
         log.debug("open files limit left as it was: %s", exc)
+
+
+def listen_url(settings: Settings, port: int) -> str:
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{shown}:{port}"
 
 
 def server_limits(settings: Settings) -> ServerLimits:
@@ -141,6 +147,7 @@ def build_router(
     services: Mapping[str, ServiceStats] | None = None,
     scan: scanner.ScanState | None = None,
     fleet: Fleet | None = None,
+    worker: WorkerInfo | None = None,
 ) -> Router:
     async def change_prefs(prefs: Prefs) -> bool:
         registry.set_prefs(prefs)
@@ -166,7 +173,8 @@ def build_router(
         aliases=settings.aliases, alias_only=settings.alias_only,
     )
     debug.add_routes(
-        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key
+        router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key,
+        worker=worker.describe() if worker else None,
     )
     admin.add_routes(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
@@ -186,11 +194,17 @@ async def serve(
     settings: Settings,
     *,
     handle_signals: bool = True,
+    listeners: list[trio.SocketListener] | None = None,
+    worker: WorkerInfo | None = None,
+    announce: Callable[[int], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Run until drained by a signal (or cancelled); returns the process exit code."""
+    """Run until drained by a signal (or cancelled); returns the process exit code.
+    A worker of `--workers N` is given its listeners (opened by the parent) and its identity,
+    and announces itself to the parent instead of printing."""
     raise_open_files_limit()
-    listeners = await open_listeners(settings)
+    if listeners is None:
+        listeners = await open_listeners(settings)
     listen_port: int = listeners[0].socket.getsockname()[1]
     forced = False
     async with trio.open_nursery() as root:
@@ -226,7 +240,7 @@ async def serve(
         server = HTTPServer(
             Router(), server_limits(settings), CorsPolicy.from_setting(settings.cors_origins)
         )
-        server.handler = build_router(settings, registry, server, services, scan, fleet)
+        server.handler = build_router(settings, registry, server, services, scan, fleet, worker)
         # Everything made so far (modules, settings, the registry) lives as long as lb does:
         # keep it out of the collector's full passes, which requests would otherwise pay for
         # (collected first, so no garbage is kept for good).
@@ -253,8 +267,10 @@ async def serve(
         root.start_soon(flush_logs_forever)
         async with trio.open_nursery() as front:
             port = await front.start(server.serve, listeners)
-            shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-            print(f"lb listening on http://{shown}:{port}", flush=True)
+            if announce is not None:
+                announce(port)
+            else:
+                print(f"lb listening on {listen_url(settings, port)}", flush=True)
             task_status.started(port)
         if fleet is not None:
             await fleet.leave()  # the fleet need not wait for our heartbeat to expire

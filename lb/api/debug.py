@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import trio
@@ -22,6 +23,7 @@ def add_routes(
     services: Mapping[str, ServiceStats],
     scan: ScanState,
     admin_key: str = "",
+    worker: Mapping[str, object] | None = None,
 ) -> None:
     async def eligible(request: Request) -> Response:
         require_admin_if_set(request, admin_key)
@@ -45,6 +47,8 @@ def add_routes(
                 for name, stats in services.items()
             },
             "scanner": scan.describe(),
+            # Which process answered: with --workers N, also which worker and its restarts.
+            "process": {"pid": os.getpid(), **(worker or {})},
         }
         return Response.json(body)
 
