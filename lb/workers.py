@@ -19,6 +19,8 @@ a pipe. A worker that dies is restarted with backoff (like `supervise`), counted
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import pickle
@@ -67,18 +69,20 @@ class PrivateRedis:
 
     def __init__(self, directory: str) -> None:
         self.socket_path = str(Path(directory) / "redis.sock")
-        self.process: trio.Process | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
     async def start(self, binary: str) -> None:
-        self.process = await trio.lowlevel.open_process(
+        # Popen from this (the main) thread, not trio's open_process (a worker thread): the
+        # parent-death signal fires when the thread that forked exits.
+        self.process = subprocess.Popen(  # noqa: ASYNC220 (a fork: milliseconds, once)
             [binary, "--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700",
              "--save", "", "--appendonly", "no", "--dir", str(Path(self.socket_path).parent),
              "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
         )
         with trio.fail_after(10):
             while not await _pings(self.socket_path):
@@ -88,13 +92,21 @@ class PrivateRedis:
                 await trio.sleep(0.02)
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            with trio.move_on_after(5):
-                await self.process.wait()
-            if self.process.poll() is None:
-                self.process.kill()
-                await self.process.wait()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                await trio.to_thread.run_sync(process.wait, 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await trio.to_thread.run_sync(process.wait)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when lb's parent process dies, even by SIGKILL, so
+    the private redis-server never outlives it (Linux's PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 async def _pings(path: str) -> bool:
