@@ -129,7 +129,7 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         set_prefs=registry.set_prefs,
         take_opened_breakers=lambda: registry.take_opened_breakers(trio.current_time()),
         trip_breaker=trip,
-        inflight=registry.inflight,
+        demand=registry.demand,
     )
     return Fleet(
         RedisStore(address, settings.redis_prefix),
@@ -151,7 +151,7 @@ def build_router(
 ) -> Router:
     async def change_prefs(prefs: Prefs) -> bool:
         registry.set_prefs(prefs)
-        return fleet is not None and await fleet.publish_prefs(prefs)
+        return fleet is not None and await fleet.prefs_changed(prefs)
 
     router = Router()
     counters = NodeCounters()
