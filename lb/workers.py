@@ -224,6 +224,10 @@ class Parent:
         backoff = FIRST_BACKOFF
         starting = True
         while True:
+            if self.draining:  # a signal came before this worker started: the sockets are shut
+                if starting:
+                    task_status.started()
+                return
             process, ready = await self._spawn(index)
             async with ready:
                 is_ready = await ready.receive_some(1) != b""

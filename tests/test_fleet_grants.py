@@ -125,7 +125,7 @@ async def test_a_request_waits_no_longer_than_a_free_slot_elsewhere(
     with trio.fail_after(60):
         slow = await start_mock(nursery, models=(MODEL,), ttft_ms=3000)
         options = {"default_maxconn": 2, "queue_timeout": 2, "scan_interval": 3600}
-        lb1, lb2 = await fleet_pair(nursery, [slow], server, **options)
+        lb1, _ = await fleet_pair(nursery, [slow], server, **options)
         statuses: list[int] = []
 
         async def chat() -> None:

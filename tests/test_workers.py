@@ -20,6 +20,8 @@ import pytest
 import trio
 from harness import CHAT, RunningMock, start_mock
 
+from lb.config import ConfigError, load_settings
+
 LB = [sys.executable, "-m", "lb.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("LB_", "REDIS_", "SCAN_"))}
 ADMIN = {"authorization": "Bearer k"}
@@ -96,7 +98,7 @@ async def lb_workers(
         "LB_NODES": ",".join(mock.url for mock in mocks), **env,
     }
     with log.open("w") as stderr:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: ASYNC220 (a fork, once per test)
             [*LB, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
             env={**ENV, **settings}, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
@@ -139,7 +141,7 @@ async def test_two_workers_serve_and_one_killed_is_restarted(tmp_path: Path) -> 
             replacement = next(pid for pid, who in back.items() if who["restarts"] == 1)
             assert replacement != victim and back[replacement]["worker"] == 1
             assert not alive(victim) and replacement in children(parent)
-            assert "worker 1 (pid %d) exited with signal SIGKILL" % victim in lb.stderr()
+            assert f"worker 1 (pid {victim}) exited with signal SIGKILL" in lb.stderr()
             answer = await client.chat.completions.create(model=MODEL, **CHAT)
             assert answer.choices[0].message.content
 
@@ -286,3 +288,25 @@ def test_workers_need_a_store_and_refuse_demo(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2 and "redis-server" in result.stderr, result.stderr
+
+
+async def test_workers_and_store_follow_a_parent_killed_with_sigkill(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        mock = await start_mock(nursery, models=(MODEL,))
+        async with lb_workers(tmp_path, [mock]) as lb:
+            processes = children(lb.process.pid)
+            assert len(processes) == 3
+            lb.process.kill()
+            await lb.wait()
+            with trio.fail_after(30):  # workers drain themselves; redis-server is signalled
+                while any(alive(pid) for pid in processes):
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+def test_workers_setting_takes_a_number_or_auto() -> None:
+    assert load_settings(env={"LB_WORKERS": "auto"}).workers == (os.cpu_count() or 1)
+    assert load_settings(env={"LB_WORKERS": "3"}).workers == 3
+    assert load_settings(flags={"workers": "2"}).workers == 2
+    with pytest.raises(ConfigError, match="LB_WORKERS=.0.: must be at least 1"):
+        load_settings(env={"LB_WORKERS": "0"})
