@@ -123,7 +123,7 @@ async def _pings(path: str) -> bool:
 
 async def run_parent(settings: Settings) -> int:
     """`lb serve --workers N`: returns the exit code (0 when every worker drained cleanly)."""
-    from lb.app import listen_url, open_listeners  # the app's modules are the workers' cost
+    from lb.app import listen_url, open_listeners
 
     if settings.demo:
         raise ConfigError("--demo runs its mock nodes in one process; drop --workers")
@@ -158,6 +158,8 @@ async def run_parent(settings: Settings) -> int:
 
 
 class Parent:
+    """Runs N workers on the parent's listeners until a signal drains them all."""
+
     def __init__(self, settings: Settings, listeners: Sequence[trio.SocketListener]) -> None:
         self.settings = settings
         self.listeners = list(listeners)
