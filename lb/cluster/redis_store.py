@@ -35,18 +35,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', KEYS[1], ttl)
-local live = redis.call('ZRANGE', KEYS[1], 0, -1)
-local is_live = {}
-for _, id in ipairs(live) do is_live[id] = true end
+-- An instance whose heartbeat expired is no longer live (no share, no lease), but its grants
+-- still count for two more TTLs: it may only be slow, and still admitting under them.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
+redis.call('PEXPIRE', KEYS[1], 3 * ttl)
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local counted = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do counted[id] = true end
 local mine = cjson.decode(ARGV[3])
 local held, short = {}, {}
 local all_grants = redis.call('HGETALL', KEYS[6])
 for i = 1, #all_grants, 2 do
   local sep = string.find(all_grants[i], '|', 1, true)
   local id, node = string.sub(all_grants[i], 1, sep - 1), string.sub(all_grants[i], sep + 1)
-  if not is_live[id] or id == ARGV[1] then
+  if not counted[id] or id == ARGV[1] then
     if id ~= ARGV[1] or mine[node] == nil then redis.call('HDEL', KEYS[6], all_grants[i]) end
   else
     local space = string.find(all_grants[i + 1], ' ', 1, true)
@@ -68,7 +70,7 @@ for node, v in pairs(mine) do
   table.insert(grants, node)
   table.insert(grants, granted)
 end
-redis.call('PEXPIRE', KEYS[6], ttl)
+redis.call('PEXPIRE', KEYS[6], 3 * ttl)
 local leader = redis.call('GET', KEYS[2])
 if not leader or leader == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
