@@ -99,7 +99,7 @@ def run_wrk(url: str, cpus: str, secs: int, connections: int, threads: int) -> f
     try:
         out = subprocess.run(
             ["taskset", "-c", cpus, "wrk", "-t", str(threads), "-c", str(connections),
-             "-d", f"{round(secs)}s", "-s", script.name, f"{url}/v1/chat/completions"],
+             "-d", f"{secs}s", "-s", script.name, f"{url}/v1/chat/completions"],
             capture_output=True, text=True, check=True,
         ).stdout
     finally:

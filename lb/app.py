@@ -16,7 +16,7 @@ import attrs
 import orjson
 import trio
 
-from lb.api import admin, debug, health, metrics, nodes, proxy, stats
+from lb.api import admin, anthropic, debug, health, metrics, nodes, proxy, stats
 from lb.cluster import scanner
 from lb.cluster.node import Node
 from lb.cluster.prefs import Prefs
@@ -105,7 +105,9 @@ async def start_demo_nodes(nursery: trio.Nursery) -> tuple[NodeConfig, ...]:
 def build_registry(settings: Settings) -> Registry:
     return Registry(
         (Node.from_settings(config, settings) for config in settings.all_nodes()),
-        prefs=Prefs(preferred_models=settings.preferred_models),
+        prefs=Prefs(
+            preferred_models=settings.preferred_models, traffic_split=settings.traffic_split
+        ),
     )
 
 
@@ -172,21 +174,23 @@ def build_router(
         admin_key=settings.admin_key, model_grace=settings.model_grace, counters=counters,
         aliases=settings.aliases, alias_only=settings.alias_only,
     )
+    dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), settings.admin_key,
+        dispatcher=dispatcher,
         worker=worker.describe() if worker else None,
     )
     admin.add_routes(
         router, admin_key=settings.admin_key, get_prefs=lambda: registry.prefs,
-        change_prefs=change_prefs,
+        change_prefs=change_prefs, split_label=settings.traffic_split_label,
     )
     stats.add_routes(
         router, registry, routing_stats,
         strategy=strategies.parse_strategy(settings.routing_strategy).value,
-        admin_key=settings.admin_key,
+        admin_key=settings.admin_key, dispatcher=dispatcher,
     )
-    dispatcher = Dispatcher(registry, settings, observer=Observers(observers), latency=latency)
     proxy.add_routes(router, dispatcher)
+    anthropic.add_routes(router, dispatcher)
     return router
 
 

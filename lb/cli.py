@@ -55,6 +55,15 @@ def serve(
     except ConfigError as exc:
         _fail(str(exc))
     configure_logging(settings.log_level, settings.log_format)
+    if settings.catalogue is not None:
+        from lb.catalogue import log_warnings
+
+        log_warnings(settings.catalogue)
+        if settings.catalogue.master_key:  # until lb checks client keys (the policy issue)
+            _fail(
+                "general_settings.master_key is set, but lb does not check client keys yet: "
+                "refusing to serve without the authentication the file asks for"
+            )
     if settings.workers > 1:
         from lb.workers import run_parent as run_server
     else:
@@ -124,13 +133,18 @@ def serve_worker(index: int, count: int, restarts: int, fds: str, ready_fd: int)
     "--ttft-per-inflight-ms", default=0.0, type=click.FloatRange(min=0), show_default=True,
     help="TTFT grows by this much per other request in flight on the node",
 )
+@click.option(
+    "--dialect", type=click.Choice(["openai", "anthropic"]), default="openai",
+    show_default=True, help="The API the node plays (anthropic: POST /v1/messages)",
+)
+@click.option("--api-key", default="", help="Require this key (Bearer, or x-api-key)")
 def mock(
     host: str, port: int, models: tuple[str, ...], ttft_ms: float, itl_ms: float, tokens: int,
     embedding_dim: int, fault: str, name: str, busy_probes: bool, strict_request_id: bool,
     ignore_max_completion_tokens: bool, prefix_cache: bool, prefill_ms_per_kb: float,
-    cache_entries: int, ttft_per_inflight_ms: float,
+    cache_entries: int, ttft_per_inflight_ms: float, dialect: str, api_key: str,
 ) -> None:
-    """Run a mock OpenAI-compatible LLM node (for tests, benchmarks and demos)."""
+    """Run a mock LLM node, OpenAI-compatible or Anthropic (for tests, benchmarks, demos)."""
     from lb.testing import MockNode
     from lb.testing.faults import parse_fault
 
@@ -146,6 +160,7 @@ def mock(
         honours_max_completion_tokens=not ignore_max_completion_tokens,
         prefix_cache=prefix_cache, prefill_ms_per_kb=prefill_ms_per_kb,
         cache_entries=cache_entries, ttft_per_inflight_ms=ttft_per_inflight_ms,
+        dialect=dialect, api_key=api_key,
     )
 
     async def run() -> None:

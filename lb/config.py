@@ -11,13 +11,18 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
 import yaml
 
+from lb.routing.hedge import HedgeAfter, parse_hedge_after
+from lb.routing.split import parse_weights
 from lb.routing.strategies import STRATEGIES, Strategy, parse_strategy
+
+if TYPE_CHECKING:
+    from lb.catalogue import Catalogue
 
 
 class ConfigError(ValueError):
@@ -41,6 +46,9 @@ class NodeConfig:
     # The node's own name for a model clients know by another (a catalogue handle).
     model_map: Mapping[str, str] = attrs.field(factory=dict)
     name: str = ""  # overrides host:port as the key (two deployments on one host)
+    # Request fields the deployment sets when the client did not (a catalogue's litellm_params).
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    max_input_tokens: int | None = None  # the largest prompt it takes (None: unknown)
     # host:port (or `name`), the name a node goes by in headers, MAXCONN_MAP and `?node=`;
     # computed once because the request path reads it several times.
     key: str = attrs.field(init=False, eq=False, repr=False)
@@ -60,6 +68,13 @@ def _text(value: Any) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError("expected text")
     return str(value).strip()
+
+
+def _label(value: Any) -> str:
+    text = _text(value)
+    if not text:
+        raise ValueError("expected a label name")
+    return text
 
 
 def _int(minimum: int = 0) -> Callable[[Any], int]:
@@ -423,12 +438,19 @@ SETTINGS: tuple[Setting, ...] = (
             "PREFIX_AWARE: block -> node entries remembered (least recently used go first)"),
     Setting("prefix_aware_balance", "PREFIX_AWARE_BALANCE", _ratio,
             "PREFIX_AWARE: a prefix's node is passed over above (1 + this) x the mean load"),
+    Setting("traffic_split", "TRAFFIC_SPLIT", parse_weights,
+            "Blue/green: weight per label value, e.g. blue=90,green=10 (empty: no split)"),
+    Setting("traffic_split_label", "TRAFFIC_SPLIT_LABEL", _label,
+            "The node label TRAFFIC_SPLIT weighs (its values name the groups)"),
     Setting("request_timeout", "REQUEST_TIMEOUT_SECS", _seconds, "One deadline per request (504)"),
     Setting("attempt_timeout", "ATTEMPT_TIMEOUT_SECS", _seconds,
             "Time for a node to send response headers"),
     Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT_SECS", _seconds,
             "Longest gap between two stream chunks"),
     Setting("max_retries", "MAX_RETRIES", _int(0), "Retries on other nodes after a failure"),
+    Setting("hedge_after_ms", "HEDGE_AFTER_MS", parse_hedge_after,
+            "Hedge an attempt with no answer after N ms ('adaptive': p95; 0: off)"),
+    Setting("hedge_max", "HEDGE_MAX", _int(1), "Hedges per attempt (HEDGE_AFTER_MS)"),
     Setting("breaker_threshold", "CIRCUIT_BREAKER_THRESHOLD", _int(0),
             "Consecutive failures that open a node's breaker (0 = off)"),
     Setting("breaker_ttl", "CIRCUIT_BREAKER_TTL_SECS", _seconds, "How long a breaker stays open"),
@@ -513,10 +535,14 @@ class Settings:
     prefix_aware_blocks: int = 16
     prefix_aware_index_size: int = 100_000
     prefix_aware_balance: float = 0.25
+    traffic_split: Mapping[str, float] = attrs.field(factory=dict)
+    traffic_split_label: str = "version"
     request_timeout: float = 600.0
     attempt_timeout: float = 60.0
     stream_idle_timeout: float = 120.0
     max_retries: int = 2
+    hedge_after_ms: HedgeAfter = None
+    hedge_max: int = 1
     breaker_threshold: int = 3
     breaker_ttl: float = 30.0
     default_maxconn: int = 0
@@ -555,6 +581,9 @@ class Settings:
     anthropic_max_tokens: int = 4096
     ollama_base_url: str = ""
     drop_params: bool = True
+    # The model catalogue (a LiteLLM `model_list` & co. in the config file); not a setting of
+    # its own: read from the file only, see `lb.catalogue`.
+    catalogue: Catalogue | None = None
 
     @property
     def redis_address(self) -> str | None:
@@ -591,8 +620,13 @@ class Settings:
         return tuple(nodes)
 
     def all_nodes(self) -> tuple[NodeConfig, ...]:
-        """Configured nodes, then the providers'."""
-        return self.nodes + self.provider_nodes()
+        """Configured nodes, the providers', then the catalogue's deployments."""
+        nodes = self.nodes + self.provider_nodes()
+        if self.catalogue is not None:
+            from lb.catalogue import node_configs
+
+            nodes += node_configs(self.catalogue, taken={node.key for node in nodes})
+        return nodes
 
     def maxconn_for(self, node: NodeConfig) -> int:
         if node.maxconn is not None:
@@ -633,18 +667,31 @@ def load_settings(
 ) -> Settings:
     """Defaults <- YAML <- environment <- flags; flags that are None are not given."""
     values: dict[str, Any] = {}
+    env = env or {}
+    catalogue = None
     if config_file:
-        for key, value in read_yaml(config_file).items():
+        doc = read_yaml(config_file)
+        catalogue = _catalogue(doc, env, config_file)
+        if catalogue is not None:
+            # LiteLLM's router settings sit under lb's own keys; its environment_variables
+            # under the real environment.
+            values.update(catalogue.settings, catalogue=catalogue)
+            env = {**catalogue.environment, **env}
+        for key, value in doc.items():
             setting = _BY_NAME.get(str(key))
             if setting is None:
+                if catalogue is not None:
+                    continue  # the catalogue's, or warned by it
                 raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
             values[setting.name] = _parse(setting, value, f"config file {config_file}")
     for setting in SETTINGS:
-        if env and setting.env and env.get(setting.env) not in (None, ""):
+        if setting.env and env.get(setting.env) not in (None, ""):
             values[setting.name] = _parse(setting, env[setting.env], "environment")
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _parse(_BY_NAME[name], value, "flag")
+    if catalogue is not None:
+        _layer_catalogue(values, catalogue, env)
     settings = Settings(**values)
     try:
         _check_unique(settings.all_nodes())
@@ -653,8 +700,35 @@ def load_settings(
     return settings
 
 
+def _layer_catalogue(values: dict[str, Any], catalogue: Catalogue, env: Mapping[str, str]) -> None:
+    """The catalogue's aliases, fallbacks and switches, under what the file's own keys, the
+    environment and flags said."""
+    try:
+        values["aliases"] = resolve_aliases({**catalogue.aliases, **values.get("aliases", {})})
+    except ValueError as exc:
+        raise ConfigError(f"aliases: {exc}") from None
+    values["fallbacks"] = {**catalogue.fallbacks, **values.get("fallbacks", {})}
+    values.setdefault("alias_only", catalogue.alias_only)
+    if "drop_params" not in values:  # LiteLLM's default: pass unknown fields on
+        values["drop_params"] = catalogue.drop_params
+
+
 def _check_unique(nodes: tuple[NodeConfig, ...]) -> None:
     keys = [node.key for node in nodes]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
         raise ValueError(f"node {duplicates[0]} is listed twice")
+
+
+def _catalogue(
+    doc: Mapping[str, Any], env: Mapping[str, str], path: str | Path
+) -> Catalogue | None:
+    """The file's model catalogue (LiteLLM's sections, lb's `aliases`), or None if it has none."""
+    from lb.catalogue import is_catalogue, parse_catalogue
+
+    if not is_catalogue(doc):
+        return None
+    try:
+        return parse_catalogue(doc, env, own_keys=_BY_NAME)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None

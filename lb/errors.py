@@ -17,6 +17,7 @@ __all__ = [
     "AttemptFailure",
     "BadRequest",
     "CapacityExceeded",
+    "ContextWindowExceeded",
     "DeadlineExceeded",
     "Forbidden",
     "InternalError",
@@ -60,6 +61,12 @@ class LBError(Exception):
 class BadRequest(LBError):
     status = 400
     code = "invalid_request"
+
+
+class ContextWindowExceeded(BadRequest):
+    """The prompt is longer than the model's known context window (and no fallback's)."""
+
+    code = "context_length_exceeded"
 
 
 class Unauthorized(LBError):

@@ -20,6 +20,7 @@ a pipe. A worker that dies is restarted with backoff (like `supervise`), counted
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import ctypes
 import logging
 import os
@@ -31,6 +32,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +48,14 @@ MAX_BACKOFF = 30.0
 KILL_AFTER_DRAIN_SECS = 10.0  # a worker still alive this long after its drain is killed
 PRIVATE_SYNC_SECS = 0.1  # a sync over a local unix socket costs ~nothing: re-balance fast
 _HEADER = struct.Struct("!Q")
+
+
+def _mapping_proxy(items: dict[object, object]) -> types.MappingProxyType[object, object]:
+    return types.MappingProxyType(items)
+
+
+# The settings go to a worker as a pickle; a catalogue keeps read-only mappings in them.
+copyreg.pickle(types.MappingProxyType, lambda proxy: (_mapping_proxy, (dict(proxy),)))
 
 
 @attrs.frozen

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anthropic
 import attrs
 import httpx
 import openai
@@ -43,8 +44,10 @@ class RunningMock(Running):
             return result
 
     async def chats(self) -> int:
-        """Chat requests the node received (lb's own /v1/models probes excluded)."""
-        count: int = (await self.stats())["by_path"].get("/v1/chat/completions", 0)
+        """Chat requests the node received (lb's own /v1/models probes excluded): OpenAI's
+        `/v1/chat/completions`, or `/v1/messages` for a mock playing Anthropic."""
+        by_path = (await self.stats())["by_path"]
+        count: int = by_path.get("/v1/chat/completions", 0) + by_path.get("/v1/messages", 0)
         return count
 
     async def requests(self) -> list[dict[str, Any]]:
@@ -101,9 +104,25 @@ async def start_lb(
     return Running(port, scope)
 
 
+async def start_lb_with(nursery: trio.Nursery, settings: Settings) -> Running:
+    """lb with exactly these settings (listening on 127.0.0.1, a free port)."""
+    settings = attrs.evolve(settings, host="127.0.0.1", port=0)
+    port, scope = await _start(
+        nursery,
+        lambda task_status: serve(settings, handle_signals=False, task_status=task_status),
+    )
+    return Running(port, scope)
+
+
 def sdk(lb: Running) -> openai.AsyncOpenAI:
     """The official client, with its own retries off so that lb's behaviour shows."""
     return openai.AsyncOpenAI(base_url=f"{lb.url}/v1", api_key="test", max_retries=0)
+
+
+def anthropic_sdk(target: Running, api_key: str = "test") -> anthropic.AsyncAnthropic:
+    """The official Anthropic client (of lb's /v1/messages, or of a mock node started with
+    `start_mock(nursery, dialect="anthropic", api_key=...)`), its own retries off."""
+    return anthropic.AsyncAnthropic(base_url=target.url, api_key=api_key, max_retries=0)
 
 
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "hello world"}]}

@@ -90,7 +90,7 @@ def test_json_fields() -> None:
     assert fields == {
         "request_id": "req-1", "method": "POST", "path": "/v1/chat/completions",
         "model": "auto", "resolved_model": MODEL, "stream": True, "node": "127.0.0.1:9001",
-        "status": 200, "attempts": 1, "duration_ms": 12.3, "ttfb_ms": 4.1,
+        "status": 200, "attempts": 1, "hedges": 0, "duration_ms": 12.3, "ttfb_ms": 4.1,
         "prompt_tokens": 5, "completion_tokens": 16, "tokens_estimated": False, "error": None,
         "upstream_request_id": "up-7", "client": "127.0.0.1:50412", "client_gone": False,
     }

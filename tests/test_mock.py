@@ -715,6 +715,7 @@ specs = st.builds(
     itl_ms=st.none() | st.floats(0, 1e6, allow_nan=False),
     tokens=st.none() | st.integers(0, 100_000),
     retry_after=st.none() | st.integers(0, 3600),
+    error_after=st.none() | st.integers(0, 1000),
 )
 
 

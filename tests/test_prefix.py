@@ -151,7 +151,7 @@ loads = st.lists(st.integers(0, 20), min_size=2, max_size=8)
 
 @FAST
 @given(loads, st.integers(0, 7), st.sampled_from([0, 1, 4, 16]), st.floats(0.0, 2.0))
-def test_bounded_load_keeps_the_owner_or_falls_back_to_least_loaded(
+def test_bounded_load_keeps_the_owner_or_spills_by_rendezvous(
     inflight: list[int], pick: int, capacity: int, eps: float
 ) -> None:
     cands = nodes(*inflight, capacity=capacity)
@@ -162,7 +162,14 @@ def test_bounded_load_keeps_the_owner_or_falls_back_to_least_loaded(
     smoothed = [(c.inflight + 1) / unit for c in cands]
     bound = (1 + eps) * sum(smoothed) / len(smoothed)
     if (owner.inflight + 1) / unit > bound:
-        assert got[0].inflight == min(inflight)  # least loaded
+        spills = [
+            c for c in rendezvous(cands, (b"x" * 8).hex())
+            if c is not owner and (c.inflight + 1) / unit <= bound
+        ]
+        if spills:  # the prefix's next node by rendezvous that is not over the bound
+            assert got[0] is spills[0]
+        else:
+            assert got[0].inflight == min(inflight)  # least loaded
     else:
         assert got[0] is owner
         assert [c.inflight for c in got[1:]] == sorted(c.inflight for c in got[1:])
@@ -172,7 +179,7 @@ def test_a_busy_owner_is_passed_over() -> None:
     cands = nodes(6, 0, 1)
     hint = PrefixHint(cands[0].key, b"x" * 8, 0.25)
     got = order(Strategy.PREFIX_AWARE, cands, counter=0, rng=random.Random(0), prefix=hint)
-    assert got[0] is cands[1]
+    assert got[0] is next(c for c in rendezvous(cands, (b"x" * 8).hex()) if c is not cands[0])
     idle = nodes(0, 0, 0)
     assert prefix_aware(idle, 5, PrefixHint(idle[0].key, b"x" * 8, 0.25))[0] is idle[0]
     # A wider bound keeps it.

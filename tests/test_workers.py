@@ -4,8 +4,11 @@ redis-server, all real processes; mock nodes in this process on real sockets."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -18,9 +21,11 @@ import httpx
 import openai
 import pytest
 import trio
+import yaml
 from harness import CHAT, RunningMock, start_mock
 
 from lb.config import ConfigError, load_settings
+from lb.workers import read_settings
 
 LB = [sys.executable, "-m", "lb.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("LB_", "REDIS_", "SCAN_"))}
@@ -308,5 +313,27 @@ def test_workers_setting_takes_a_number_or_auto() -> None:
     assert load_settings(env={"LB_WORKERS": "auto"}).workers == (os.cpu_count() or 1)
     assert load_settings(env={"LB_WORKERS": "3"}).workers == 3
     assert load_settings(flags={"workers": "2"}).workers == 2
-    with pytest.raises(ConfigError, match="LB_WORKERS=.0.: must be at least 1"):
+    with pytest.raises(ConfigError, match=r"LB_WORKERS=.0.: must be at least 1"):
         load_settings(env={"LB_WORKERS": "0"})
+
+
+def test_a_worker_reads_its_parents_settings_catalogue_included(tmp_path: Path) -> None:
+    """What the parent writes on a worker's stdin comes back equal, a LiteLLM catalogue (with
+    its read-only mappings) included."""
+    fixture = Path(__file__).parent / "fixtures" / "homelab-litellm.yaml"
+    text = fixture.read_text()
+    env = {name: "x" for name in re.findall(r"os\.environ/([A-Z_]+)", text)}
+    doc = yaml.safe_load(text)
+    del doc["general_settings"]  # a master key is refused until lb checks client keys
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    settings = load_settings(config_file=config, env=env, flags={"workers": 2})
+    assert settings.catalogue is not None
+    payload = pickle.dumps(settings)
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as pipe:
+        pipe.write(struct.pack("!Q", len(payload)) + payload)
+    try:
+        assert read_settings(read) == settings
+    finally:
+        os.close(read)

@@ -85,7 +85,9 @@ def add_routes(
         }
 
     async def list_models(request: Request) -> Response:
-        data = [] if alias_only else [_model_entry(m, registry) for m in registry.models()]
+        data = [] if alias_only else [
+            _model_entry(m, registry) for m in registry.models() if "*" not in m  # no patterns
+        ]
         # An alias is listed while its model is served: a handle that leads nowhere is a 404.
         data += [
             _alias_entry(alias, target, registry) for alias, target in aliases.items()

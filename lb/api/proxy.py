@@ -206,10 +206,11 @@ async def answer(
             trace.status = CLIENT_CLOSED
         raise
     finally:
-        _finish(dispatcher.observer, trace)
+        finish_trace(dispatcher.observer, trace)
 
 
-def _finish(observer: RequestObserver, trace: Trace) -> None:
+def finish_trace(observer: RequestObserver, trace: Trace) -> None:
+    """The request ended: its duration, and the observers hear of it (every dialect's edge)."""
     trace.duration = trio.current_time() - trace.arrival
     observer.finished(trace)
 
@@ -235,7 +236,7 @@ def add_routes(router: Router, dispatcher: Dispatcher) -> None:
                 )
             except LBError as exc:  # answered by the server before anything was routed
                 trace.status, trace.error = exc.status, exc.code
-                _finish(observer, trace)
+                finish_trace(observer, trace)
                 raise
             return Response(stream=functools.partial(answer, dispatcher, intent, trace))
 

@@ -59,7 +59,7 @@ class Node:
         )
         node.rewrites = (
             not dialect.passthrough or bool(config.model_map) or bool(node.auth_headers)
-            or config.forward_auth
+            or config.forward_auth or bool(config.params)
         )
         if config.models:  # a fixed list: serving from the start, never probed
             node.models, node.healthy = config.models, True

@@ -121,10 +121,6 @@ class Registry:
                 node.limiter.total_tokens = limit
                 self.slot_freed.unpark_all()
 
-    def inflight(self) -> dict[str, int]:
-        """Requests in flight from this instance, per node that has a cap."""
-        return {key: node.inflight for key, node in self.nodes.items() if self.fleet_cap(node)}
-
     def demand(self) -> dict[str, tuple[int, int, int, int]]:
         """Per node that has a cap: its fleet-wide cap, requests in flight from here, those
         plus the requests waiting here for it, and the local limit now in force."""

@@ -9,11 +9,12 @@ format (`lb.obs.logs`) writes them as top-level keys; the message is the readabl
     upstream=<node's id> client=127.0.0.1:50412
 
 (on one line). Fields lb does not know are left out of the text (`null` in JSON); `resolved`
-only when it differs from the model asked for; `tokens=<prompt>+<completion>`, `?` for a
-count not known and `~` before a completion count estimated from the stream's events; flags
-`stream` and `client_gone` when true; `error=<code>` when the client got one. A value that is
-empty or holds a space, a quote or a control character is written as a JSON string. No header
-is ever logged: keys, cookies and `Authorization` never reach a log line.
+only when it differs from the model asked for; `tokens=<prompt>+<completion>`, `?` for a count
+not known and `~` before a completion count estimated from the stream's events; flags `stream`
+and `client_gone` when true; `hedges=N` when hedging started N of the attempts; `error=<code>`
+when the client got one. A value that is empty or holds a space, a quote or a control character
+is written as a JSON string. No header is ever logged: keys, cookies and `Authorization` never
+reach a log line.
 
 When info is off for `lb.access`, `finished` returns before building anything.
 """
@@ -44,6 +45,7 @@ def access_fields(trace: Trace) -> dict[str, Any]:
         "node": trace.node,
         "status": trace.status,
         "attempts": trace.attempts,
+        "hedges": trace.hedges,
         "duration_ms": round(trace.duration * 1000, 1),
         "ttfb_ms": None if first_byte is None else round(first_byte * 1000, 1),
         "prompt_tokens": trace.prompt_tokens,
@@ -77,6 +79,8 @@ def access_text(trace: Trace) -> str:
         parts.append("stream")
     if trace.node is not None:
         parts.append(f"node={trace.node}")
+    if trace.hedges:  # HEDGE_AFTER_MS: attempts started beside a slow one (of `attempts`)
+        parts.append(f"hedges={trace.hedges}")
     parts.append(f"status={trace.status} attempts={trace.attempts} ms={trace.duration * 1000:.1f}")
     if trace.first_byte is not None:
         parts.append(f"ttfb_ms={trace.first_byte * 1000:.1f}")

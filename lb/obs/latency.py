@@ -96,10 +96,14 @@ class LatencyTracker(Observer):
         figures.updated = now
         self.nodes[node] = figures
 
-    def figures(self, keys: Iterable[str], measure: str = "ttft") -> dict[str, float]:
+    def figures(
+        self, keys: Iterable[str], measure: str = "ttft", *, start: bool = True
+    ) -> dict[str, float]:
         """Recent seconds per node of ``keys`` that has a fresh figure (see `decayed`);
-        ``measure``: ``ttft`` or ``attempt``. The first call starts the recording."""
-        self.active = True
+        ``measure``: ``ttft`` or ``attempt``. The first call starts the recording, unless
+        ``start`` is false (an explanation only reads)."""
+        if start:
+            self.active = True
         now = self.clock()
         raw: dict[str, tuple[float, float]] = {}
         for key in keys:

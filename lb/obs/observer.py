@@ -41,6 +41,7 @@ class Trace:
     node: str | None = None  # the node of the last attempt (the one that answered, if any)
     attempts: int = 0
     failovers: int = 0  # attempts after a failed or busy one
+    hedges: int = 0  # attempts started as hedges (HEDGE_AFTER_MS) beside a slow one
     queue_wait: float = 0.0  # seconds spent waiting for a free slot
     sent_to_node: float | None = None  # seconds from arrival to the request's first attempt
     first_byte: float | None = None  # seconds from arrival to the first byte to the client

@@ -50,7 +50,8 @@ from lb.http.types import ClientGone, Headers, ResponseSink
 from lb.obs.latency import LatencyTracker
 from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
-from lb.routing import prefix, strategies
+from lb.routing import hedge, prefix, split, strategies
+from lb.routing.context import check_context, estimate_tokens
 from lb.routing.eligibility import blocked
 from lb.routing.intent import RouteRequest
 from lb.routing.resolve import ModelKind, resolve_model
@@ -109,6 +110,7 @@ class Plan:
     max_attempts: int
     # Candidates from fallback groups -> the model they are asked for instead of `model`.
     fallback: Mapping[str, str] = attrs.field(factory=dict)
+    matched: str | None = None  # the name a wildcard group (`model`) matched
 
 
 class Dispatcher:
@@ -129,26 +131,25 @@ class Dispatcher:
         self.sentinels = settings.sentinels
         self.aliases = settings.aliases
         self.fallbacks = settings.fallbacks
+        self.catalogue = settings.catalogue
         self._counter = itertools.count()
         self._rng = rng or random.Random()
         # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
         self.prefixes = prefix.PrefixIndex(settings.prefix_aware_index_size)
+        # HEDGE_AFTER_MS: None when off (the request path then tests this one attribute).
+        self.hedger = None if settings.hedge_after_ms is None else hedge.Hedger(
+            settings.hedge_after_ms, settings.hedge_max
+        )
 
     def plan(self, intent: RouteRequest, trace: Trace | None = None) -> Plan:
         """Resolve the model and order the nodes that may take the request (no I/O); the
         resolved model goes into `trace` even when no node can take it."""
-        requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
-        try:
-            model = resolve_model(
-                requested, self.registry.model_counts(), kind=intent.kind,
-                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
-                prefer_small=intent.prefer_small,
-            )
-        except ModelNotFound:
-            if requested not in self.fallbacks:
-                self._unavailable(intent, requested)
-                raise
-            model = requested  # none of its nodes is up: its fallbacks may be
+        model, matched = self._model_for(intent)
+        estimate = None
+        catalogue = self.catalogue
+        if catalogue is not None and model in catalogue.limited:  # a known context window
+            estimate = estimate_tokens(intent.body, intent.kind)
+            model = check_context(catalogue, model, estimate)
         if trace is not None:
             trace.model = model
         raw = intent.raw if model == intent.model else orjson.dumps({**intent.body, "model": model})
@@ -156,6 +157,8 @@ class Dispatcher:
         if intent.budget is not None:
             budget = min(budget, intent.budget)
         nodes = self.registry.serving(model)
+        if estimate is not None:  # only the deployments the prompt fits
+            nodes = [node for node in nodes if _fits(node, estimate)]
         if intent.node:
             nodes = [node for node in nodes if node.key == intent.node]
             if not nodes:
@@ -165,12 +168,12 @@ class Dispatcher:
         strategy = intent.strategy or self.strategy
         fallback: dict[str, str] = {}
         extra: list[Node] = []
-        if model in self.fallbacks and not intent.node:
+        if self.fallbacks and not intent.node and self._fallback_groups(model):
             extra, fallback = self._fallbacks(model, strategy, now, open_nodes)
         if not open_nodes:
             if not extra:
                 raise _nobody_serves(model, nodes, now)
-            return self._plan(intent, model, raw, budget, extra, fallback)
+            return self._plan(intent, model, raw, budget, extra, fallback, matched)
         latency = prices = hint = None
         chain: tuple[bytes, ...] = ()
         # Figures, prices and prefixes only for the strategies that read them (the default does
@@ -183,18 +186,21 @@ class Dispatcher:
             elif strategy is strategies.Strategy.PREFIX_AWARE:
                 chain = prefix.blocks(intent.body, intent.kind, self.settings.prefix_aware_blocks)
                 hint = self._prefix_hint(chain, open_nodes)
+        weights = self.registry.prefs.traffic_split
         candidates = strategies.order(
             strategy, open_nodes, counter=next(self._counter), rng=self._rng,
             session=intent.session, latency=latency, prices=prices, prefix=hint,
+            split=self.split_for(weights, open_nodes, intent.session) if weights else None,
         )
-        if chain:
-            # The chosen node owns the prefix now (moved when bounded load passed it over).
+        if chain and hint is not None and hint.owner in (None, candidates[0].key):
+            # The node that served a new prefix owns it; a spill (bounded load passed the owner
+            # over) leaves the owner in place, so the prefix's cache is not scattered.
             self.prefixes.record(chain, candidates[0].key)
-        return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback)
+        return self._plan(intent, model, raw, budget, [*candidates, *extra], fallback, matched)
 
     def _plan(
         self, intent: RouteRequest, model: str, raw: bytes, budget: float,
-        candidates: Sequence[Node], fallback: dict[str, str],
+        candidates: Sequence[Node], fallback: dict[str, str], matched: str | None,
     ) -> Plan:
         retries = 0 if intent.node else self.settings.max_retries
         return Plan(
@@ -211,9 +217,52 @@ class Dispatcher:
             request_id=intent.request_id,
             headers=intent.headers,
             # Each fallback group gets its own chance, whatever the retries spent before it.
-            max_attempts=1 + retries + len(self.fallbacks.get(model, ())),
+            max_attempts=1 + retries + len(self._fallback_groups(model)),
             fallback=fallback,
+            matched=matched,
         )
+
+    def draw(self) -> tuple[int, random.Random]:
+        """The next request counter and the RNG, for an explanation of a ranking now."""
+        return next(self._counter), self._rng
+
+    def split_for(
+        self, weights: Mapping[str, float], nodes: Sequence[Node], session: str | None
+    ) -> split.Split | None:
+        """The blue/green split of this request over ``nodes`` (None when none carries the
+        label): drawn from the RNG, or from the session so it keeps to one group."""
+        label = self.settings.traffic_split_label
+        groups = {node.key: node.config.labels[label] for node in nodes
+                  if label in node.config.labels}
+        if not groups:
+            return None
+        u = split.session_unit(session) if session else self._rng.random()
+        return split.Split(groups, weights, u)
+
+    def _model_for(self, intent: RouteRequest) -> tuple[str, str | None]:
+        """The model (or catalogue group) to route to, and the name a wildcard group (`mlx-*`)
+        matched, if that is how it was found."""
+        requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
+        try:
+            model = resolve_model(
+                requested, self.registry.model_counts(), kind=intent.kind,
+                sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
+                prefer_small=intent.prefer_small,
+            )
+            return model, None
+        except ModelNotFound:
+            group = self.catalogue.group_for(requested) if self.catalogue else None
+            if group is not None and "*" in group and self.registry.serving(group):
+                return group, requested
+            if not self._fallback_groups(requested):
+                self._unavailable(intent, requested)
+                raise
+            return requested, None  # none of its nodes is up: its fallbacks may be
+
+    def _fallback_groups(self, model: str) -> tuple[str, ...]:
+        """`model`'s fallbacks; `*`: those of every model without its own."""
+        fallbacks = self.fallbacks
+        return fallbacks.get(model) or fallbacks.get("*", ()) if fallbacks else ()
 
     def _fallbacks(
         self, model: str, strategy: strategies.Strategy, now: float, primary: list[Node],
@@ -223,7 +272,7 @@ class Dispatcher:
         taken = {node.key for node in primary}
         extra: list[Node] = []
         fallback: dict[str, str] = {}
-        for group in self.fallbacks[model]:
+        for group in self._fallback_groups(model):
             nodes = [
                 node for node in self.registry.serving(group)
                 if node.key not in taken and blocked(node, now) is None
@@ -301,6 +350,58 @@ class _Answer:
     body: bytes
 
 
+class _Lost(Exception):
+    """Hedging: another attempt's answer came first; this one ends without a verdict."""
+
+
+@attrs.define(eq=False)
+class _Race:
+    """Attempts racing for one request's sink (HEDGE_AFTER_MS)."""
+
+    racers: list[_Racer] = attrs.field(factory=list)
+    owner: _Racer | None = None  # the attempt whose answer head came first
+    won: bool = False  # the owner's answer went through (or is ready to send)
+    answer: _Answer | None = None  # the owner's whole answer (non-stream)
+    error: Exception | None = None  # what ends the request (raised once the race is over)
+    running: int = 0
+    settled: trio.Event = attrs.field(factory=trio.Event)  # an owner, or no attempt left
+
+
+@attrs.define(eq=False)
+class _Racer:
+    race: _Race
+    node: Node
+    started: float
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    def __attrs_post_init__(self) -> None:
+        self.race.racers.append(self)
+
+
+@attrs.define(eq=False)
+class _RacerSink:
+    """The sink as one racing attempt sees it: committed only once it owns it."""
+
+    sink: ResponseSink
+    racer: _Racer
+
+    @property
+    def committed(self) -> bool:
+        return self.racer.race.owner is self.racer and self.sink.committed
+
+    def head(self, status: int, headers: Headers) -> None:
+        self.sink.head(status, headers)
+
+    def tag(self, name: bytes, value: bytes) -> None:
+        self.sink.tag(name, value)
+
+    async def send(self, data: bytes) -> None:
+        await self.sink.send(data)
+
+    def cancel_on_drain(self, scope: trio.CancelScope) -> None:
+        self.sink.cancel_on_drain(scope)
+
+
 @attrs.define(slots=True, eq=False)
 class _Run:
     """One request's attempts."""
@@ -316,6 +417,7 @@ class _Run:
     retry_same: set[str] = attrs.field(factory=set)  # failed nodes that may be tried again
     busy_for: list[float] = attrs.field(factory=list)  # the 429s' Retry-After
     writing: bool = False  # a write to the client is under way: a cut here is the client's
+    racer: _Racer | None = None  # hedging: this copy runs one attempt of a race
 
     async def run(self) -> None:
         tried: set[str] = set()
@@ -331,19 +433,19 @@ class _Run:
                 trace.failovers += 1
             sink.tag(b"x-attempts", str(self.count).encode())
             sink.tag(b"x-routed-node", node.key.encode())
-            try:
-                answer = await self._attempt(node)
-            except _AttemptFailed as exc:
-                self.failures.append(AttemptFailure(node.key, exc.reason))
-                if exc.retry_same:
-                    self.retry_same.add(node.key)
-                else:
-                    self.retry_same.discard(node.key)
-                if exc.busy_for:
-                    self.busy_for.append(exc.busy_for)
-                continue
-            finally:
-                registry.release(node, token)
+            if self.dispatcher.hedger is not None and len(self.plan.candidates) > 1:
+                race = await self._race(node, token, tried)  # releases the slots itself
+                if race is None:
+                    continue  # every attempt of the race failed: fail over as usual
+                answer = race.answer
+            else:
+                try:
+                    answer = await self._attempt(node)
+                except _AttemptFailed as exc:
+                    self._failed(node, exc)
+                    continue
+                finally:
+                    registry.release(node, token)
             if answer is not None:  # written after the slot is freed: a slow client holds none
                 sink.head(answer.status, answer.headers)
                 self._first_byte()
@@ -354,6 +456,120 @@ class _Run:
                 trace.last_byte = trace.first_byte
             return
         self._give_up()
+
+    def _failed(self, node: Node, exc: _AttemptFailed) -> None:
+        self.failures.append(AttemptFailure(node.key, exc.reason))
+        if exc.retry_same:
+            self.retry_same.add(node.key)
+        else:
+            self.retry_same.discard(node.key)
+        if exc.busy_for:
+            self.busy_for.append(exc.busy_for)
+
+    async def _race(self, first: Node, token: object, tried: set[str]) -> _Race | None:
+        """HEDGE_AFTER_MS: run the attempt on `first` (holding `token`) and, each hedge delay
+        that passes with no answer head, a twin on an untried node with a free slot right now
+        (a hedge never queues). The first head wins the sink, the others are cancelled at once
+        (no verdict, slot released). The finished race, or None when every attempt failed
+        (their failures noted: the caller fails over). Raises like `_attempt`."""
+        hedger = self.dispatcher.hedger
+        assert hedger is not None
+        plan = self.plan
+        race = _Race()
+        delay = hedger.delay(plan.model, trio.current_time())
+        async with trio.open_nursery() as nursery:
+            race.running += 1  # counted now: `settled` must not fire before a racer starts
+            nursery.start_soon(self._racer, race, first, token)
+            hedges = 0
+            while delay is not None and hedges < hedger.max_hedges:
+                if self.count >= plan.max_attempts:
+                    break
+                with trio.move_on_after(delay):
+                    await race.settled.wait()
+                if race.settled.is_set():
+                    break
+                grabbed = self._free_slot(tried, plan.fallback.get(first.key))
+                if grabbed is None:
+                    break
+                node, token = grabbed
+                hedges += 1
+                self.count += 1
+                tried.add(node.key)
+                self.trace.attempts = self.count
+                self.trace.hedges += 1
+                self.sink.tag(b"x-attempts", str(self.count).encode())
+                race.running += 1
+                nursery.start_soon(self._racer, race, node, token)
+        if race.error is not None:  # raised here, not in an ExceptionGroup from the nursery
+            raise race.error
+        return race if race.won else None
+
+    async def _racer(self, race: _Race, node: Node, token: object) -> None:
+        racer = _Racer(race, node, trio.current_time())
+        run = attrs.evolve(self, sink=_RacerSink(self.sink, racer), racer=racer)
+        try:
+            with racer.scope:
+                try:
+                    race.answer = await run._attempt(node)
+                    race.won = True
+                except _AttemptFailed as exc:
+                    if race.owner is None or race.owner is racer:  # a loser's failure is moot
+                        self._failed(node, exc)
+                except _Lost:
+                    pass
+                except Exception as exc:  # the winner's stream broke, the client left, ...
+                    if race.owner is not None and race.owner is not racer:
+                        return  # a loser's end is none of the winner's business
+                    if race.error is None:
+                        race.error = exc
+                    for other in race.racers:
+                        other.scope.cancel()
+        finally:
+            self.dispatcher.registry.release(node, token)
+            race.running -= 1
+            if not race.running:
+                race.settled.set()
+
+    def _claim(self, racer: _Racer) -> None:
+        """Hedging: this attempt has its answer's head. It takes the sink unless another
+        attempt did first (then _Lost), and the others are cancelled."""
+        race = racer.race
+        if race.owner is racer:
+            return
+        if race.owner is not None:
+            raise _Lost
+        race.owner = racer
+        race.settled.set()
+        for other in race.racers:
+            if other is not racer:
+                other.scope.cancel()
+        hedger = self.dispatcher.hedger
+        if hedger is not None:
+            now = trio.current_time()
+            hedger.observe(self.plan.model, now, now - racer.started)
+        self.trace.node = racer.node.key
+        self.sink.tag(b"x-routed-node", racer.node.key.encode())
+
+    def _free_slot(self, tried: set[str], group: str | None) -> tuple[Node, object] | None:
+        """A slot on the best untried node that has one free right now (a hedge never waits)
+        and serves what the hedged attempt asked for: the model, or the same fallback group
+        (a twin is the same request, not a fallback)."""
+        now = trio.current_time()
+        fallback = self.plan.fallback
+        for node in self.plan.candidates:
+            if node.key in tried or blocked(node, now) is not None:
+                continue
+            if fallback and fallback.get(node.key) != group:
+                continue
+            token = object()
+            try:
+                node.limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                continue
+            if node.breaker.acquire(now):
+                return node, token
+            node.limiter.release_on_behalf_of(token)
+        return None
 
     def _give_up(self) -> None:
         model = self.plan.model
@@ -501,10 +717,14 @@ class _Run:
         dialect = node.dialect
         asked = plan.fallback.get(node.key, plan.model)
         model = config.model_map.get(asked, asked)
-        if dialect.passthrough and model == plan.model:
+        if plan.matched is not None and "*" in model:  # `mlx-*` -> the part `*` matched
+            head, _, tail = asked.partition("*")
+            model = model.replace("*", plan.matched[len(head): len(plan.matched) - len(tail)], 1)
+        if dialect.passthrough and model == plan.model and not config.params:
             body = plan.body
         else:
-            body = dialect.encode(plan.kind, plan.fields, model)
+            fields = {**config.params, **plan.fields} if config.params else plan.fields
+            body = dialect.encode(plan.kind, fields, model)
         headers = plan.headers + node.auth_headers
         if config.forward_auth and not node.auth_headers and plan.authorization is not None:
             headers.append((b"authorization", plan.authorization))
@@ -520,6 +740,8 @@ class _Run:
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
             return Outcome.BUSY, await _quote(up), None
+        if self.racer is not None:  # hedging: the first answer wins the sink
+            self._claim(self.racer)
         if not node.dialect.passthrough:
             return await self._translated(node, up, scope)
         headers = _from_node(up.headers, self.trace)
@@ -691,6 +913,11 @@ class _Run:
                 self.dispatcher.registry.breaker_opened(node, until)
         else:
             breaker.release_probe()
+
+
+def _fits(node: Node, estimate: int) -> bool:
+    limit = node.config.max_input_tokens
+    return limit is None or estimate <= limit
 
 
 def _prices(nodes: Sequence[Node]) -> dict[str, float]:

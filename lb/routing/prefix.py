@@ -103,6 +103,23 @@ class PrefixIndex:
                 return owner
         return None
 
+    def matched(self, chain: Sequence[bytes]) -> dict[str, int]:
+        """Per node, how many leading blocks of ``chain`` it owns the longest of (the depth of
+        its deepest owned block); read only, the LRU order is left alone (for explanations)."""
+        depths: dict[str, int] = {}
+        for depth, block in enumerate(chain, 1):
+            owner = self._owners.get(block)
+            if owner is not None:
+                depths[owner] = depth
+        return depths
+
+    def counts(self) -> dict[str, int]:
+        """Blocks each node owns (O(entries): for the stats endpoint, not the request path)."""
+        owned: dict[str, int] = {}
+        for owner in self._owners.values():
+            owned[owner] = owned.get(owner, 0) + 1
+        return owned
+
     def record(self, chain: Sequence[bytes], key: str) -> None:
         """Every block of ``chain`` is now owned by node ``key``."""
         owners = self._owners

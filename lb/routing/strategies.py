@@ -19,6 +19,8 @@ from typing import Protocol, TypeVar
 
 import attrs
 
+from lb.routing.split import Split, tiers
+
 __all__ = [
     "NEEDS_LATENCY",
     "STRATEGIES",
@@ -284,8 +286,10 @@ def prefix_aware(cands: Sequence[C], counter: int, hint: PrefixHint | None) -> l
     """The owner of the request's prefix first, the rest by load; the owner is
     ``hint.owner`` (the node that served the longest known prefix), or when no candidate owns
     one, the rendezvous winner for the first block, so every lb instance sends a new prefix to
-    the same node. Bounded load: when that node is `_overloaded`, this is `least_loaded`;
-    without a prompt too."""
+    the same node. Bounded load: when that node is `_overloaded`, the request spills to the
+    next node in the prefix's rendezvous order that is not (so a hot prefix spills to the
+    same few nodes, whose caches then hold it too), else to the least loaded; without a
+    prompt, this is `least_loaded`."""
     if len(cands) <= 1:
         return list(cands)
     if hint is None or not hint.first:
@@ -294,7 +298,14 @@ def prefix_aware(cands: Sequence[C], counter: int, hint: PrefixHint | None) -> l
     if owner is None:
         owner = rendezvous(cands, hint.first.hex())[0]
     if _overloaded(cands, owner, hint.balance):
-        return least_loaded(cands, counter)
+        spill = next(
+            (c for c in rendezvous(cands, hint.first.hex())
+             if c is not owner and not _overloaded(cands, c, hint.balance)),
+            None,
+        )
+        if spill is None:
+            return least_loaded(cands, counter)
+        owner = spill
     return [owner, *least_loaded([c for c in cands if c is not owner], counter)]
 
 
@@ -328,6 +339,7 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
         # LiteLLM's counts tokens/requests against each deployment's tpm/rpm; lb has no such
         # limits per node yet, so the closest is the least loaded.
         "USAGE_BASED_ROUTING": Strategy.LEAST_LOADED,
+        "USAGE_BASED_ROUTING_V2": Strategy.LEAST_LOADED,
     }
 )
 
@@ -365,14 +377,25 @@ def order(
     strategy: Strategy, cands: Sequence[C], *, counter: int, rng: random.Random,
     session: str | None = None, latency: Mapping[str, float] | None = None,
     prices: Mapping[str, float] | None = None, prefix: PrefixHint | None = None,
+    split: Split | None = None,
 ) -> list[C]:
     """Order ``cands`` by ``strategy`` (by ``session`` first: a sticky session outranks any
     strategy); the one entry point, so every caller gets the same fallbacks. ``latency`` (node
     key -> recent seconds) is read by `NEEDS_LATENCY` strategies, ``prices`` (node key -> price
     per token) by COST_OPTIMIZED, ``prefix`` (the owner of the request's prompt prefix) by
-    PREFIX_AWARE."""
+    PREFIX_AWARE. ``split`` (blue/green): the chosen group's nodes first, each tier ordered
+    by the rest of the arguments (see `lb.routing.split`)."""
     if len(cands) <= 1:
         return list(cands)
+    if split is not None:
+        return [
+            cand
+            for tier in tiers(cands, split)[1:]
+            for cand in order(
+                strategy, tier, counter=counter, rng=rng, session=session, latency=latency,
+                prices=prices, prefix=prefix,
+            )
+        ]
     if session:
         return rendezvous(cands, session)
     if strategy is Strategy.LEAST_LOADED:

@@ -15,6 +15,9 @@ A spec is a comma-separated list of `key=value` items, the same grammar node-wid
     itl-ms=F          delay between stream tokens
     tokens=N          completion tokens per answer
     retry-after=N     with status: send a Retry-After header of N seconds
+    error-after=N     streams: after N events, an in-stream error event ends the stream
+                      (OpenAI: `data: {"error": ...}` then `[DONE]`; Anthropic:
+                      `event: error`, `overloaded_error`); the connection stays sound
 
 `hang` alone means `hang=1`; `_` may stand for `-` in keys; blanks around items are ignored.
 """
@@ -50,6 +53,7 @@ class FaultSpec:
     itl_ms: float | None = None
     tokens: int | None = None
     retry_after: int | None = None
+    error_after: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -58,6 +62,7 @@ class FaultSpec:
             self.status is None and not self.hang and self.drop_after is None
             and not self.drop_after_done and self.ttft_ms is None and self.itl_ms is None
             and self.tokens is None and self.retry_after is None
+            and self.error_after is None
         )
 
     def format(self) -> str:
@@ -81,6 +86,8 @@ class FaultSpec:
             items.append(f"tokens={self.tokens}")
         if self.retry_after is not None:
             items.append(f"retry-after={self.retry_after}")
+        if self.error_after is not None:
+            items.append(f"error-after={self.error_after}")
         return ",".join(items)
 
 
@@ -126,6 +133,7 @@ _FIELDS = {
     "itl-ms": "itl_ms",
     "tokens": "tokens",
     "retry-after": "retry_after",
+    "error-after": "error_after",
 }
 
 
@@ -159,7 +167,7 @@ def parse_fault(text: str) -> FaultSpec:
             values[field] = _float(item, value, 0.0, 1.0)
         elif key in ("hang", "drop-after-done"):
             values[field] = _bool(item, value)
-        elif key in ("drop-after", "retry-after"):
+        elif key in ("drop-after", "retry-after", "error-after"):
             values[field] = _int(item, value, 0, 1_000_000)
         elif key == "tokens":
             values[field] = _int(item, value, 0, MAX_TOKENS)

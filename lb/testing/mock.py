@@ -5,7 +5,8 @@ it must be cheap per request: no logging, answers built from precomputed byte fr
 the shape is fixed (stream chunks), and orjson for the rest.
 
 Endpoints: `GET /v1/models`, `GET /api/tags` (Ollama discovery), `GET /health`,
-`POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`, and the control
+`POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`, Ollama's native
+`POST /api/chat`, `/api/generate` and `/api/embed` (see lb.testing.mock_ollama), and the control
 endpoints `GET /mock/stats`, `POST /mock/reset`, `GET|POST /mock/fault`, `GET /mock/requests`.
 Faults (see lb.testing.faults) apply node-wide or per request (header `x-mock-fault`, which
 wins); control endpoints are never faulted, counted or recorded.
@@ -34,9 +35,16 @@ Two opt-in models of a real server's time to first token, for routing benchmarks
 - `ttft_per_inflight_ms`: TTFT grows by that much per other generation request (chat,
   completions, embeddings) in flight on the node when the request arrives.
 
+`tool_calls=True` answers a chat request that offers tools with a tool call (see
+lb.testing.tools), for clients' tool handling end to end.
+
 The fault item `drop-after-done=1` plays llama-cpp-python's end of a stream when the context
 fills: every event, `data: [DONE]` included, then the connection closes without the chunked
 body's last chunk.
+
+`dialect="anthropic"` makes the node play Anthropic's Messages API instead of OpenAI's (see
+lb.testing.mock_anthropic). `api_key`, when set, must come with every API request
+(`Authorization: Bearer <key>`, or Anthropic's `x-api-key`), else 401.
 
 `GET /mock/requests` shows the last requests as received: `headers` maps each name (lower-case,
 as h11 gives it) to its value, repeated headers joined with ", " in the order received, and
@@ -59,11 +67,11 @@ import attrs
 import orjson
 import trio
 
-from lb.errors import BadRequest, LBError, ModelNotFound
+from lb.errors import BadRequest, LBError, ModelNotFound, Unauthorized
 from lb.http.errors import error_body, error_headers
 from lb.http.routes import Router
 from lb.http.server import HTTPServer, ServerLimits
-from lb.http.sse import DONE, SSE_HEADERS
+from lb.http.sse import DONE, SSE_HEADERS, error_event
 from lb.http.types import (
     JSON_HEADERS,
     ClientGone,
@@ -73,6 +81,7 @@ from lb.http.types import (
     ResponseSink,
     StreamBody,
 )
+from lb.testing import tools
 from lb.testing.embeddings import embed, embed_tokens, to_base64, words
 from lb.testing.faults import FaultSpec, FaultSpecError, parse_fault
 
@@ -133,6 +142,7 @@ class _Knobs:
     tokens: int
     drop_after: int | None
     drop_after_done: bool
+    error_after: int | None = None
 
 
 _Endpoint = Callable[[Request, _Knobs], Awaitable[Response]]
@@ -165,6 +175,11 @@ class MockNode:
     prefill_ms_per_kb: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
     cache_entries: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     ttft_per_inflight_ms: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    tool_calls: bool = False  # answer requests that offer tools with a call (lb.testing.tools)
+    dialect: str = attrs.field(
+        default="openai", validator=attrs.validators.in_(("openai", "anthropic"))
+    )
+    api_key: str = ""
     stats: MockStats = attrs.field(factory=MockStats, init=False)
     server: HTTPServer | None = attrs.field(default=None, init=False)
     _router: Router = attrs.field(init=False)
@@ -254,12 +269,20 @@ class MockNode:
 
     def _build_router(self) -> Router:
         router = Router()
-        router.add("GET", "/v1/models", self._api(self._models, _PROBE))
-        router.add("GET", "/api/tags", self._api(self._tags, _PROBE))
+        if self.dialect == "anthropic":
+            from lb.testing.mock_anthropic import add_routes
+
+            add_routes(self, router)
+        else:
+            router.add("GET", "/v1/models", self._api(self._models, _PROBE))
+            router.add("GET", "/api/tags", self._api(self._tags, _PROBE))
+            router.add("POST", "/v1/chat/completions", self._api(self._chat, _GENERATE))
+            router.add("POST", "/v1/completions", self._api(self._completions, _GENERATE))
+            router.add("POST", "/v1/embeddings", self._api(self._embeddings, _GENERATE))
+            from lb.testing import mock_ollama  # here: it builds on this module
+
+            mock_ollama.add_routes(router, self)
         router.add("GET", "/health", self._api(self._health, _OTHER))
-        router.add("POST", "/v1/chat/completions", self._api(self._chat, _GENERATE))
-        router.add("POST", "/v1/completions", self._api(self._completions, _GENERATE))
-        router.add("POST", "/v1/embeddings", self._api(self._embeddings, _GENERATE))
         router.add("GET", "/mock/stats", self._get_stats)
         router.add("POST", "/mock/reset", self._post_reset)
         router.add("GET", "/mock/fault", self._get_fault)
@@ -267,10 +290,13 @@ class MockNode:
         router.add("GET", "/mock/requests", self._get_requests)
         return router
 
-    def _api(self, endpoint: _Endpoint, kind: str) -> Handler:
+    def _api(
+        self, endpoint: _Endpoint, kind: str, render: Callable[[LBError], bytes] = error_body
+    ) -> Handler:
         """Wrap an API endpoint with counting, recording, the node's quirks and fault
         injection. `kind`: _GENERATE (counted as a generation in flight until its answer is
-        complete), _PROBE (waits for no generation in flight under `busy_probes`) or _OTHER."""
+        complete), _PROBE (waits for no generation in flight under `busy_probes`) or _OTHER.
+        `render`: an error's body in the endpoint's dialect (OpenAI's by default)."""
         generates = kind == _GENERATE
         probe = kind == _PROBE
 
@@ -298,6 +324,8 @@ class MockNode:
                         stats.completed += 1
                         stats.errors += 1
                         return Response(400, [(b"x-mock-node", self.name.encode())])
+                if self.api_key and kind != _OTHER:
+                    self._check_key(request)
                 fault = self._fault_for(request)
                 knobs = self._knobs(fault)
                 if fault is not None:
@@ -325,7 +353,7 @@ class MockNode:
             except LBError as exc:
                 stats.completed += 1
                 stats.errors += 1
-                body = error_body(exc)
+                body = render(exc)
                 headers = [*error_headers(exc, body), (b"x-mock-node", self.name.encode())]
                 return Response(exc.status, headers, body)
             finally:
@@ -363,6 +391,14 @@ class MockNode:
 
         return write
 
+    def _check_key(self, request: Request) -> None:
+        if self.dialect == "anthropic":
+            from lb.testing.mock_anthropic import check_key
+
+            check_key(self, request)
+        elif request.header(b"authorization") != b"Bearer " + self.api_key.encode():
+            raise Unauthorized(f"Invalid API key for mock node {self.name}")
+
     def _fault_for(self, request: Request) -> FaultSpec | None:
         """The fault to apply to this request, if any (the header wins over the node's)."""
         raw = request.header(b"x-mock-fault")
@@ -391,6 +427,7 @@ class MockNode:
             self.tokens if fault.tokens is None else fault.tokens,
             fault.drop_after,
             fault.drop_after_done,
+            fault.error_after,
         )
 
     def _fault_error(self, fault: FaultSpec) -> LBError:
@@ -474,6 +511,9 @@ class MockNode:
         )
         created = int(time.time())
         cid = self._new_id("chatcmpl")
+        if self.tool_calls and (tool := tools.wanted_tool(body)) is not None:
+            usage = _usage(prompt_tokens, len(tools.arguments_for(body, tool)) // 4)
+            return tools.tool_answer(body, tool, cid, created, model, usage, knobs.ttft)
         if body.get("stream") is True:
             return _stream(
                 _CHAT, cid, created, model, n, finish,
@@ -837,6 +877,11 @@ def _stream(
             + orjson.dumps(usage) + b"}\n\n"
         )
     frames.append(DONE)
+    if knobs.error_after is not None and knobs.error_after < len(frames) - 1:
+        frames[knobs.error_after:] = [error_event({"error": {
+            "message": "Injected fault: error event (error-after)", "type": "server_error",
+            "param": None, "code": "mock_fault",
+        }})]
 
     drop: str | None = None  # why the connection is dropped after the frames, if it is
     cut = knobs.drop_after is not None and knobs.drop_after < len(frames)
