@@ -9,7 +9,7 @@ import resource
 import signal
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -39,6 +39,7 @@ from lb.supervise import ServiceStats, supervise
 if TYPE_CHECKING:
     from lb.cluster.fleet import Fleet
     from lb.policy.gate import Gate
+    from lb.workers import WorkerInfo
 
 log = logging.getLogger("lb")
 
@@ -56,6 +57,11 @@ def raise_open_files_limit() -> None:
             log.debug("open files limit raised from %d to %d", soft, hard)
     except (OSError, ValueError) as exc:
         log.debug("open files limit left as it was: %s", exc)
+
+
+def listen_url(settings: Settings, port: int) -> str:
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{shown}:{port}"
 
 
 def server_limits(settings: Settings) -> ServerLimits:
@@ -126,7 +132,7 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         set_prefs=registry.set_prefs,
         take_opened_breakers=lambda: registry.take_opened_breakers(trio.current_time()),
         trip_breaker=trip,
-        held=registry.held,
+        demand=registry.demand,
     )
     return Fleet(
         RedisStore(address, settings.redis_prefix),
@@ -172,10 +178,11 @@ def build_router(
     scan: scanner.ScanState | None = None,
     fleet: Fleet | None = None,
     gate: Gate | None = None,
+    worker: WorkerInfo | None = None,
 ) -> Router:
     async def change_prefs(prefs: Prefs) -> bool:
         registry.set_prefs(prefs)
-        return fleet is not None and await fleet.publish_prefs(prefs)
+        return fleet is not None and await fleet.prefs_changed(prefs)
 
     router = Router()
     counters = NodeCounters()
@@ -209,6 +216,7 @@ def build_router(
     debug.add_routes(
         router, registry, services or {}, scan or scanner.ScanState(), admin_key,
         dispatcher=dispatcher,
+        worker=worker.describe() if worker else None,
     )
     admin.add_routes(
         router, admin_key=admin_key, get_prefs=lambda: registry.prefs,
@@ -229,11 +237,17 @@ async def serve(
     settings: Settings,
     *,
     handle_signals: bool = True,
+    listeners: list[trio.SocketListener] | None = None,
+    worker: WorkerInfo | None = None,
+    announce: Callable[[int], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Run until drained by a signal (or cancelled); returns the process exit code."""
+    """Run until drained by a signal (or cancelled); returns the process exit code.
+    A worker of `--workers N` is given its listeners (opened by the parent) and its identity,
+    and announces itself to the parent instead of printing."""
     raise_open_files_limit()
-    listeners = await open_listeners(settings)
+    if listeners is None:
+        listeners = await open_listeners(settings)
     listen_port: int = listeners[0].socket.getsockname()[1]
     forced = False
     async with trio.open_nursery() as root:
@@ -273,7 +287,9 @@ async def serve(
         server = HTTPServer(
             Router(), server_limits(settings), CorsPolicy.from_setting(settings.cors_origins)
         )
-        server.handler = build_router(settings, registry, server, services, scan, fleet, gate)
+        server.handler = build_router(
+            settings, registry, server, services, scan, fleet, gate, worker
+        )
         # Everything made so far (modules, settings, the registry) lives as long as lb does:
         # keep it out of the collector's full passes, which requests would otherwise pay for
         # (collected first, so no garbage is kept for good).
@@ -300,8 +316,10 @@ async def serve(
         root.start_soon(flush_logs_forever)
         async with trio.open_nursery() as front:
             port = await front.start(server.serve, listeners)
-            shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-            print(f"lb listening on http://{shown}:{port}", flush=True)
+            if announce is not None:
+                announce(port)
+            else:
+                print(f"lb listening on {listen_url(settings, port)}", flush=True)
             task_status.started(port)
         if gate is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(5):

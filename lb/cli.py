@@ -35,14 +35,18 @@ def main() -> None:
 @click.option("--demo", is_flag=True, default=None, help="Start two mock nodes in this process")
 @click.option("--log-level", default=None, help="debug, info, warning, error [env LB_LOG_LEVEL]")
 @click.option("--log-format", default=None, help="text or json [env LB_LOG_FORMAT; text]")
+@click.option(
+    "--workers", default=None,
+    help="Worker processes sharing the port; auto = one per core [env LB_WORKERS; 1]",
+)
 def serve(
     host: str | None, port: str | None, nodes: tuple[str, ...], config_file: str | None,
-    demo: bool | None, log_level: str | None, log_format: str | None,
+    demo: bool | None, log_level: str | None, log_format: str | None, workers: str | None,
 ) -> None:
     """Run the load balancer."""
     flags: dict[str, Any] = {
         "host": host, "port": port, "nodes": list(nodes) or None, "demo": demo,
-        "log_level": log_level, "log_format": log_format,
+        "log_level": log_level, "log_format": log_format, "workers": workers,
     }
     try:
         settings = load_settings(
@@ -55,13 +59,33 @@ def serve(
         from lb.catalogue import log_warnings
 
         log_warnings(settings.catalogue)
-    from lb.app import serve as run_server
+    if settings.workers > 1:
+        from lb.workers import run_parent as run_server
+    else:
+        from lb.app import serve as run_server
 
     try:
         code = trio.run(run_server, settings)
     except ConfigError as exc:
         _fail(str(exc))
     sys.exit(code)
+
+
+@main.command("serve-worker", hidden=True)
+@click.option("--index", type=int, required=True)
+@click.option("--count", type=int, required=True)
+@click.option("--restarts", type=int, default=0)
+@click.option("--fds", required=True, help="Inherited listening sockets, comma separated")
+@click.option("--ready-fd", type=int, required=True)
+def serve_worker(index: int, count: int, restarts: int, fds: str, ready_fd: int) -> None:
+    """One worker of `lb serve --workers N`, started by its parent (settings on stdin)."""
+    from lb.workers import WorkerInfo, read_settings, run_worker
+
+    settings = read_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    info = WorkerInfo(index=index, count=count, restarts=restarts)
+    sockets = [int(fd) for fd in fds.split(",")]
+    sys.exit(trio.run(run_worker, settings, info, sockets, ready_fd))
 
 
 @main.command()

@@ -8,6 +8,7 @@ YAML value into the typed value, or says precisely what is wrong with it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,13 @@ def _port(value: Any) -> int:
     if number > 65535:
         raise ValueError("must be a port number from 0 to 65535")
     return number
+
+
+def _workers(value: Any) -> int:
+    """A number of worker processes, or `auto`: one per core."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _int(1)(value)
 
 
 def _bool(value: Any) -> bool:
@@ -444,6 +452,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Client connections served at once (0 = from the file descriptor limit)"),
     Setting("keepalive_timeout", "LB_KEEPALIVE_SECS", _seconds, "Idle keep-alive connection life"),
     Setting("drain_timeout", "LB_DRAIN_SECS", _seconds, "Grace for requests in flight on SIGTERM"),
+    Setting("workers", "LB_WORKERS", _workers,
+            "Worker processes sharing the port (a number, or auto: one per core)"),
     Setting("routing_strategy", "ROUTING_STRATEGY", _strategy, "How a node is chosen"),
     Setting("allowed_strategies", "ALLOWED_STRATEGIES", _strategies,
             "Strategies a request may choose with x-lb-strategy (comma list; default: all)"),
@@ -558,6 +568,7 @@ class Settings:
     max_connections: int = 0
     keepalive_timeout: float = 30.0
     drain_timeout: float = 30.0
+    workers: int = 1
     routing_strategy: str = "LEAST_LOADED"
     allowed_strategies: tuple[str, ...] = tuple(s.value for s in Strategy)
     prefix_aware_blocks: int = 16

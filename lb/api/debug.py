@@ -3,6 +3,7 @@ parts of its score), and the background services."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ def add_routes(
     scan: ScanState,
     admin_key: AdminKey = "",
     dispatcher: Dispatcher | None = None,
+    worker: Mapping[str, object] | None = None,
 ) -> None:
     async def eligible(request: Request) -> Response:
         """GET ``?model=&strategy=&session=``; or POST a chat/completion body (its model,
@@ -82,6 +84,8 @@ def add_routes(
                 for name, stats in services.items()
             },
             "scanner": scan.describe(),
+            # Which process answered: with --workers N, also which worker and its restarts.
+            "process": {"pid": os.getpid(), **(worker or {})},
         }
         return Response.json(body)
 

@@ -5,12 +5,13 @@ heartbeat, learns the live instances, tries to hold the scanner lease, exchanges
 openings, and reads the leader's node table and the fleet's admin preferences. What it learns
 is applied to the in-process registry, which is all the request path reads.
 
-Fleet-wide capacity: each instance may hold a share of a node's cap, computed from the sorted
-live instance ids, so the shares add up to the cap. A new instance takes its share only after
-its heartbeat has been visible for two syncs, when every other instance has shrunk its own; and
-while another instance still has more in flight than its new share (admitted before the
-change), the difference is held back. Each instance publishes its in-flight counts per node
-with its heartbeat for that.
+Fleet-wide capacity: Redis grants each instance a part of a node's cap at each sync, in the
+sync script, so the grants never add up to more than the cap. An instance asks for its base
+share (computed from the sorted live instance ids, so the base shares add up to the cap), or
+for all it needs (in flight + waiting) if no other instance is short; an instance gives back
+down to its base share, or to what it needs, when another one is short, never below what it
+has in flight. So a request waits in one instance while another has a free slot for at most
+about two syncs, not until QUEUE_TIMEOUT_SECS.
 
 If Redis goes away, everything keeps working on the last known state: each instance scans for
 itself, keeps its last shares, reports `redis: down`, and reconnects with backoff.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 import redis
@@ -63,11 +64,10 @@ class FleetHooks:
         set_prefs: Callable[[Prefs], None],
         take_opened_breakers: Callable[[], dict[str, float]],  # node -> seconds still open
         trip_breaker: Callable[[str, float], None],  # node, seconds to stay open
-        # node -> the part of its cap this instance may be using (its local cap, or more in
-        # flight): what the others must leave it.
-        held: Callable[[], dict[str, int]],
+        # node -> (fleet-wide cap, in flight from here, in flight + waiting here, local limit)
+        demand: Callable[[], dict[str, tuple[int, int, int, int]]],
     ) -> None:
-        self.held = held
+        self.demand = demand
         self.caps = caps
         self.set_local_caps = set_local_caps
         self.export_table = export_table
@@ -98,10 +98,11 @@ class Fleet:
         self.leader = False
         self.instances: tuple[str, ...] = ()
         self.syncs = 0
-        self._seen_since: float | None = None  # when our heartbeat was first seen
         self._last_table: bytes | None = None
         self._unsent_breakers: dict[str, float] = {}
         self._tripped: dict[str, int] = {}  # node -> the shared opening last applied here
+        self._grants: Mapping[str, int] = {}  # node -> our part of its cap, from Redis
+        self._sync_lock = trio.Lock()
 
     @property
     def should_scan(self) -> bool:
@@ -119,6 +120,8 @@ class Fleet:
     async def join(self) -> None:
         """Learn the fleet's prefs and leader, and wait until the other instances count us, so
         that we serve from the start with our share of every node's cap (Redis down: go on)."""
+        # Not serving yet: hold nothing until Redis grants it (others count what we hold).
+        self.hooks.set_local_caps({key: 0 for key, cap in self.hooks.caps().items() if cap})
         with trio.move_on_after(3 * self.sync_secs + 2), contextlib.suppress(
             redis.RedisError, OSError
         ):
@@ -137,25 +140,29 @@ class Fleet:
                     log.warning("redis is down (%s); keeping the last known state", exc)
                 self.redis_up = False
                 self.leader = False
-                self._seen_since = None
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECS)
                 continue
             await trio.sleep(self.sync_secs)
 
     async def sync_once(self) -> None:
+        # One at a time: a grant applied after a newer one would exceed what Redis counts.
+        async with self._sync_lock:
+            await self._sync()
+
+    async def _sync(self, *, again: bool = False) -> None:
         opened = self.hooks.take_opened_breakers()
         self._unsent_breakers.update(opened)
-        load = orjson.dumps(self.hooks.held())
-        result = await self.store.sync(self.id, self.ttl, self._unsent_breakers, load)
+        demand = orjson.dumps({
+            key: [cap, share(cap, self.instances, self.id, key) or 0, inflight, wanted, limit]
+            for key, (cap, inflight, wanted, limit) in self.hooks.demand().items()
+        })
+        result = await self.store.sync(self.id, self.ttl, self._unsent_breakers, demand)
         self._unsent_breakers = {}
         if not self.redis_up:
             log.info("redis is up; instance %s joins the fleet", self.id)
         self.redis_up = True
         self.syncs += 1
-        now = trio.current_time()
-        if self._seen_since is None:
-            self._seen_since = now
         was_leader, self.leader = self.leader, result.leader == self.id
         if self.leader and not was_leader:
             log.info("instance %s now leads scanning", self.id)
@@ -169,7 +176,9 @@ class Fleet:
                 self._tripped[node] = until_ms
                 self.hooks.trip_breaker(node, (until_ms - result.now_ms) / 1000)
         self._tripped = {node: self._tripped[node] for node in result.breakers}
-        self._apply_shares(now, result)
+        self._grants = result.grants
+        if not self._apply_grants() and not again:
+            await self._sync(again=True)  # the new cap's grant now, not a sync later
 
     async def _apply_prefs(self, result: SyncResult) -> None:
         local = self.hooks.get_prefs()
@@ -185,35 +194,30 @@ class Fleet:
         else:  # changed here while Redis was away
             await self.publish_prefs(local)
 
-    @property
-    def settled(self) -> bool:
-        """Our heartbeat has been visible long enough for every instance to count us."""
-        return (
-            self._seen_since is not None
-            and trio.current_time() - self._seen_since >= 2 * self.sync_secs
-        )
-
-    def _apply_shares(self, now: float, result: SyncResult) -> None:
-        loads = {}
-        for instance, raw in result.loads.items():
-            if instance != self.id:
-                with contextlib.suppress(ValueError):
-                    loads[instance] = orjson.loads(raw)
+    def _apply_grants(self) -> bool:
+        """The local limits from the last grants (a lowered cap applies at once); False if a
+        node was capped since: it holds nothing until Redis grants it a part."""
         local: dict[str, int | None] = {}
+        complete = True
         for key, cap in self.hooks.caps().items():
-            mine = share(cap, self.instances, self.id, key)
-            if mine is None or not self.settled:
-                local[key] = None if mine is None else 0
-                continue
-            # Another instance may still hold more than its new share (its local cap from before
-            # it heard of us, or requests it admitted then): take only what is really free.
-            others = sum(
-                max(int(loads.get(other, {}).get(key, 0)), share(cap, self.instances, other, key)
-                    or 0)
-                for other in self.instances if other != self.id
-            )
-            local[key] = max(0, min(mine, cap - others))
+            if not cap:
+                local[key] = None
+            else:
+                local[key] = min(self._grants.get(key, 0), cap)
+                complete = complete and key in self._grants
         self.hooks.set_local_caps(local)
+        return complete
+
+    async def prefs_changed(self, prefs: Prefs) -> bool:
+        """An admin change made here (already applied by `set_prefs`, which gives every node
+        its whole cap): share it, and go back to what Redis granted, asking at once for the
+        nodes it caps anew. With Redis away the whole caps stay, as for a lone instance."""
+        if not await self.publish_prefs(prefs):
+            return False
+        if not self._apply_grants():
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.sync_once()
+        return True
 
     async def publish_table(self) -> None:
         """The leader shares its node table after each scan."""

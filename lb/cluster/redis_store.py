@@ -18,23 +18,59 @@ import trio
 
 T = TypeVar("T")
 
-# KEYS: instances (zset id -> expiry ms), leader, registry, prefs, breakers (hash node -> until)
-# ARGV: id, ttl_ms, this instance's load (JSON node -> in flight), the key prefix, then pairs
-#       node, open_for_ms of breakers this instance saw open
+# KEYS: instances (zset id -> expiry ms), leader, registry, prefs, breakers (hash node -> until),
+#       grants (hash "id|node" -> "granted demand")
+# ARGV: id, ttl_ms, this instance's demand (JSON node -> [cap, base share, in flight, in flight
+#       + waiting, local limit now]), the key prefix, then pairs node, open_for_ms of breakers
+#       it saw open
+# Capacity is granted here, one sync at a time, so the grants of a node never add up to more
+# than its cap: an instance takes only what the others' grants leave. It asks for its base
+# share, or all it needs if no other instance is short; when another one is short (it waits
+# for more than it holds) it gives back down to its base share, or to what it needs if that is
+# less, never below what it has in flight. What an instance holds for the others is the larger
+# of its grant and the limit it enforces now: a smaller grant is in force only once it has
+# been applied, so the others see it a sync later.
 _SYNC = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SET', ARGV[4] .. 'load:' .. ARGV[1], ARGV[3], 'PX', ttl)
-local live = redis.call('ZRANGE', KEYS[1], 0, -1)
-local loads = {}
-for _, id in ipairs(live) do
-  table.insert(loads, id)
-  table.insert(loads, redis.call('GET', ARGV[4] .. 'load:' .. id))
+-- An instance whose heartbeat expired is no longer live (no share, no lease), but its grants
+-- still count for two more TTLs: it may only be slow, and still admitting under them.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
+redis.call('PEXPIRE', KEYS[1], 3 * ttl)
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local counted = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do counted[id] = true end
+local mine = cjson.decode(ARGV[3])
+local held, short = {}, {}
+local all_grants = redis.call('HGETALL', KEYS[6])
+for i = 1, #all_grants, 2 do
+  local sep = string.find(all_grants[i], '|', 1, true)
+  local id, node = string.sub(all_grants[i], 1, sep - 1), string.sub(all_grants[i], sep + 1)
+  if not counted[id] or id == ARGV[1] then
+    if id ~= ARGV[1] or mine[node] == nil then redis.call('HDEL', KEYS[6], all_grants[i]) end
+  else
+    local space = string.find(all_grants[i + 1], ' ', 1, true)
+    local granted = tonumber(string.sub(all_grants[i + 1], 1, space - 1))
+    local wanted = tonumber(string.sub(all_grants[i + 1], space + 1))
+    held[node] = (held[node] or 0) + granted
+    if wanted > granted then short[node] = true end
+  end
 end
+local grants = {}
+for node, v in pairs(mine) do
+  local cap, base, inflight, wanted, limit = v[1], v[2], v[3], v[4], v[5]
+  local target
+  if short[node] then target = math.min(base, wanted) else target = math.max(base, wanted) end
+  target = math.max(target, inflight)
+  local granted = math.max(0, math.min(target, cap - (held[node] or 0)))
+  local holds = math.max(granted, limit)
+  redis.call('HSET', KEYS[6], ARGV[1] .. '|' .. node, holds .. ' ' .. wanted)
+  table.insert(grants, node)
+  table.insert(grants, granted)
+end
+redis.call('PEXPIRE', KEYS[6], 3 * ttl)
 local leader = redis.call('GET', KEYS[2])
 if not leader or leader == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
@@ -60,14 +96,19 @@ for i = 1, #all, 2 do
 end
 if longest > 0 then redis.call('PEXPIRE', KEYS[5], longest) end
 if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PEXPIRE', KEYS[4], ttl) end
-return {now, live, leader, redis.call('GET', KEYS[3]), redis.call('GET', KEYS[4]), open, loads}
+return {now, live, leader, redis.call('GET', KEYS[3]), redis.call('GET', KEYS[4]), open, grants}
 """
 
-# KEYS: instances, leader; ARGV: id
+# KEYS: instances, leader, grants; ARGV: id
 _LEAVE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[3])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+local all = redis.call('HKEYS', KEYS[3])
+for _, field in ipairs(all) do
+  if string.sub(field, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+    redis.call('HDEL', KEYS[3], field)
+  end
+end
 return 1
 """
 
@@ -80,7 +121,7 @@ class SyncResult:
     registry: bytes | None  # the leader's node table (JSON)
     prefs: bytes | None  # the fleet's admin preferences (JSON)
     breakers: Mapping[str, int]  # node key -> open until (Redis ms)
-    loads: Mapping[str, bytes]  # instance -> its in-flight requests per capped node (JSON)
+    grants: Mapping[str, int]  # capped node -> requests this instance may have in flight
 
 
 class RedisStore:
@@ -108,15 +149,17 @@ class RedisStore:
 
     async def sync(
         self, instance: str, ttl: float, breakers: Mapping[str, float] | None = None,
-        load: bytes = b"{}",
+        demand: bytes = b"{}",
     ) -> SyncResult:
-        """Heartbeat, lease, loads, breaker exchange, registry and prefs in one round trip."""
-        args: list[Any] = [instance, int(ttl * 1000), load, self.prefix]
+        """Heartbeat, lease, capacity grants, breaker exchange, registry and prefs in one round
+        trip. `demand`: JSON node -> [cap, base share, in flight, in flight + waiting]."""
+        args: list[Any] = [instance, int(ttl * 1000), demand, self.prefix]
         for node, open_for in (breakers or {}).items():
             args += [node, max(1, int(open_for * 1000))]
-        keys = [self.key(k) for k in ("instances", "leader", "registry", "prefs", "breakers")]
+        keys = [self.key(k) for k in
+                ("instances", "leader", "registry", "prefs", "breakers", "grants")]
         raw = await self._run(functools.partial(self._sync, keys=keys, args=args))
-        now, instances, leader, registry, prefs, open_list, loads = raw
+        now, instances, leader, registry, prefs, open_list, grants = raw
         return SyncResult(
             now_ms=int(now),
             instances=tuple(sorted(i.decode() for i in instances)),
@@ -126,9 +169,7 @@ class RedisStore:
             breakers={
                 open_list[i].decode(): int(open_list[i + 1]) for i in range(0, len(open_list), 2)
             },
-            loads={
-                loads[i].decode(): loads[i + 1] for i in range(0, len(loads), 2) if loads[i + 1]
-            },
+            grants={grants[i].decode(): int(grants[i + 1]) for i in range(0, len(grants), 2)},
         )
 
     async def put(self, name: str, value: bytes, ttl: float) -> None:
@@ -139,7 +180,7 @@ class RedisStore:
     async def leave(self, instance: str) -> None:
         """Drop this instance's heartbeat and lease at once, so the fleet need not wait for
         the TTLs."""
-        keys = [self.key("instances"), self.key("leader"), self.key(f"load:{instance}")]
+        keys = [self.key("instances"), self.key("leader"), self.key("grants")]
         await self._run(functools.partial(self._leave, keys=keys, args=[instance]))
 
     def close(self) -> None:

@@ -34,6 +34,8 @@ class Registry:
         self._counts: dict[str, int] = {}
         # Dispatch parks here while every eligible node is full; a released slot wakes it.
         self.slot_freed = trio.lowlevel.ParkingLot()
+        # Requests parked for a slot, per node they wait for (a fleet asks for more for it).
+        self.waiting: dict[str, int] = {}
         for node in nodes:
             self.nodes[node.key] = node
         self._reindex()
@@ -119,14 +121,25 @@ class Registry:
                 node.limiter.total_tokens = limit
                 self.slot_freed.unpark_all()
 
-    def held(self) -> dict[str, int]:
-        """Per node that has a cap, the part of it this instance may be using: its local cap
-        (it may admit that many before it next hears of the fleet) or, above it, what it has
-        in flight (admitted before its share shrank)."""
-        return {
-            key: max(node.inflight, node.capacity)
-            for key, node in self.nodes.items() if self.fleet_cap(node)
-        }
+    def demand(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per node that has a cap: its fleet-wide cap, requests in flight from here, those
+        plus the requests waiting here for it, and the local limit now in force."""
+        out = {}
+        for key, node in self.nodes.items():
+            cap = self.fleet_cap(node)
+            if cap:
+                inflight = node.inflight
+                limit = int(min(node.limiter.total_tokens, cap))
+                out[key] = (cap, inflight, inflight + self.waiting.get(key, 0), limit)
+        return out
+
+    def add_waiting(self, keys: list[str], delta: int) -> None:
+        for key in keys:
+            count = self.waiting.get(key, 0) + delta
+            if count:
+                self.waiting[key] = count
+            else:
+                self.waiting.pop(key, None)
 
     def breaker_opened(self, node: Node, until: float) -> None:
         self._opened[node.key] = until

@@ -696,10 +696,15 @@ class _Run:
                 node.limiter.release_on_behalf_of(token)
             if not any_open:
                 self._give_up()
-            with trio.move_on_at(queue_deadline):
-                await registry.slot_freed.park()
-                now = trio.current_time()
-                continue
+            waits_for = [node.key for node in ordered]  # counted: a fleet grows our share
+            registry.add_waiting(waits_for, 1)
+            try:
+                with trio.move_on_at(queue_deadline):
+                    await registry.slot_freed.park()
+                    now = trio.current_time()
+                    continue
+            finally:
+                registry.add_waiting(waits_for, -1)
             self._queued(trio.current_time() - queued_at)
             raise CapacityExceeded(
                 f"Every node serving {self.plan.model} is at capacity; retry shortly",
