@@ -193,6 +193,7 @@ def node_configs(catalogue: Catalogue, taken: Collection[str] = ()) -> tuple[Nod
             if deployment.model != deployment.handle else {},
             name=name, params=dict(deployment.params),
             max_input_tokens=deployment.max_input_tokens,
+            timeout=deployment.timeout, stream_timeout=deployment.stream_timeout,
         ))
     return tuple(nodes)
 

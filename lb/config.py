@@ -51,6 +51,10 @@ class NodeConfig:
     # Request fields the deployment sets when the client did not (a catalogue's litellm_params).
     params: Mapping[str, Any] = attrs.field(factory=dict)
     max_input_tokens: int | None = None  # the largest prompt it takes (None: unknown)
+    # Its own bounds (a catalogue's `timeout`, `stream_timeout`): a whole attempt on it, and the
+    # longest gap between two stream chunks (None: the router-wide settings).
+    timeout: float | None = None
+    stream_timeout: float | None = None
     # host:port (or `name`), the name a node goes by in headers, MAXCONN_MAP and `?node=`;
     # computed once because the request path reads it several times.
     key: str = attrs.field(init=False, eq=False, repr=False)
@@ -123,6 +127,10 @@ def _positive_seconds(value: Any) -> float:
     if number <= 0:
         raise ValueError("must be more than 0 seconds")
     return number
+
+
+def _optional(parse: Callable[[Any], float], value: Any) -> float | None:
+    return None if value is None else parse(value)
 
 
 def _redis_url(value: Any) -> str:
@@ -256,6 +264,7 @@ def node_url(value: Any) -> str:
 DIALECTS = ("openai", "anthropic", "ollama")
 _NODE_FIELDS = {
     "url", "maxconn", "weight", "labels", "dialect", "api_key", "forward_auth", "models",
+    "timeout", "stream_timeout",
 }
 
 
@@ -285,6 +294,8 @@ def _node(value: Any) -> NodeConfig:
             api_key=_text(value.get("api_key", "")),
             forward_auth=_bool(value.get("forward_auth", False)),
             models=_names(value.get("models") or ()),
+            timeout=_optional(_positive_seconds, value.get("timeout")),
+            stream_timeout=_optional(_positive_seconds, value.get("stream_timeout")),
         )
     return NodeConfig(url=node_url(value))
 

@@ -577,3 +577,36 @@ async def test_plan_orders_by_the_requests_strategy_and_prices() -> None:
         assert [n.key for n in plan.candidates] == [cheap.key, dear.key]
         plan = d.plan(intent(strategy=Strategy.FAILOVER))
         assert [n.key for n in plan.candidates] == [dear.key, cheap.key]
+
+
+# --- a node's own timeouts (a catalogue deployment's `timeout`, `stream_timeout`) -----------
+
+
+def timed_node(
+    *scripts: Script, port: int, timeout: float | None = None,
+    stream_timeout: float | None = None,
+) -> tuple[Node, ScriptedNode]:
+    upstream = ScriptedNode(deque(scripts))
+    created = Node.create(
+        NodeConfig(f"http://10.0.0.{port}:8000", timeout=timeout, stream_timeout=stream_timeout),
+        capacity=0, breaker_threshold=3, breaker_ttl=30.0, upstream=upstream,
+    )
+    return created, upstream
+
+
+async def test_a_nodes_own_timeout_bounds_its_whole_answer(autojump_clock: Any) -> None:
+    # The head comes at 20 s: inside ATTEMPT_TIMEOUT_SECS (60), past the node's own 10.
+    slow, _ = timed_node(Script(head_after=20.0), port=1, timeout=10.0)
+    fast, _ = timed_node(Script(), port=2)
+    started = trio.current_time()
+    sink = await run(dispatcher(slow, fast, routing_strategy="FAILOVER"))
+    assert sink.status == 200 and sink.tags[b"x-routed-node"] == fast.key.encode()
+    assert trio.current_time() - started == pytest.approx(10.0, abs=0.01)
+    assert failures(slow) == 1 and "its timeout of 10s" in slow.last_error
+
+
+async def test_a_nodes_own_stream_timeout_bounds_its_gaps(autojump_clock: Any) -> None:
+    gap = sse(b'data: {"choices":[]}\n\n', tail=5.0)
+    quiet, _ = timed_node(gap, port=1, stream_timeout=2.0)
+    with pytest.raises(UpstreamStreamError, match="nothing for 2s"):
+        await run(dispatcher(quiet), intent(stream=True))

@@ -424,6 +424,10 @@ class _Run:
     retry_same: set[str] = attrs.field(factory=set)  # failed nodes that may be tried again
     busy_for: list[float] = attrs.field(factory=list)  # the 429s' Retry-After
     writing: bool = False  # a write to the client is under way: a cut here is the client's
+    # The attempt under way: when it must be over (the request's deadline, or sooner by its
+    # node's own `timeout`) and its node's idle timeout between stream chunks.
+    attempt_end: float = math.inf
+    idle: float = math.inf
     racer: _Racer | None = None  # hedging: this copy runs one attempt of a race
     # STREAM_RESUME: what the client got so far, the request to continue, the current rewriter.
     transcript: resume.StreamTranscript | None = None
@@ -732,12 +736,18 @@ class _Run:
         started = trio.current_time()
         if self.trace.sent_to_node is None:  # lb's own overhead, arrival to the first attempt
             self.trace.sent_to_node = started - self.trace.arrival
-        scope = trio.CancelScope(deadline=min(plan.deadline, started + settings.attempt_timeout))
+        config = node.config
+        end = plan.deadline
+        if config.timeout is not None:  # a catalogue deployment's own timeout
+            end = min(end, started + config.timeout)
+        self.attempt_end = end
+        self.idle = config.stream_timeout or settings.stream_idle_timeout
+        scope = trio.CancelScope(deadline=min(end, started + settings.attempt_timeout))
 
         def sent() -> None:
             # A non-stream answer's head comes only after the whole generation: from here on
-            # only the request's deadline bounds it.
-            scope.deadline = plan.deadline
+            # only the request's deadline (or the node's own timeout) bounds it.
+            scope.deadline = end
 
         if node.rewrites or plan.fallback:
             path, body, headers = self._for_node(node)
@@ -781,10 +791,14 @@ class _Run:
             if self.writing:  # the client left a write blocked: not the node's doing
                 raise ClientGone("the client stopped reading")
             outcome = Outcome.FAILURE
+            if trio.current_time() >= end:
+                reason = f"no answer within its timeout of {config.timeout:g}s"
+            elif self.sink.committed:
+                reason = f"stream went idle (nothing for {self.idle:g}s)"
+            else:
+                reason = f"no response within {settings.attempt_timeout:g}s"
             if self.sink.committed:
-                reason = f"stream went idle (nothing for {settings.stream_idle_timeout:g}s)"
                 raise UpstreamStreamError(f"Node {node.key} {reason}")
-            reason = f"no response within {settings.attempt_timeout:g}s"
             raise _AttemptFailed(reason)
         finally:
             self._record(node, outcome, reason)
@@ -818,7 +832,6 @@ class _Run:
     ) -> tuple[Outcome, str, _Answer | None]:
         """Judge and read the node's answer: (outcome, reason, a whole answer to send)."""
         status = up.status
-        plan = self.plan
         if status >= 500 or 300 <= status < 400:  # a redirect is no answer from an API either
             return Outcome.FAILURE, await _quote(up), None
         if status == 429:
@@ -838,7 +851,7 @@ class _Run:
             self.trace.status = status
             outcome, reason = await self._pump(up, scope)
             return outcome, reason, None
-        scope.deadline = plan.deadline
+        scope.deadline = self.attempt_end
         body = await up.read(MAX_UPSTREAM_BODY)
         if 200 <= status < 300 and _JSON_START.match(body) is None:
             return Outcome.FAILURE, f"HTTP {status} with a body that is not JSON", None
@@ -852,11 +865,11 @@ class _Run:
     async def _pump(self, up: UpstreamResponse, scope: trio.CancelScope) -> tuple[Outcome, str]:
         """Forward SSE bytes as they arrive, whole events at a time. Only the reads from the
         node are timed against the idle timeout; a write to a slow client is the sink's."""
-        idle = self.dispatcher.settings.stream_idle_timeout
+        idle = self.idle
         # Moving a deadline costs; let it lag by up to a tenth of the idle timeout, so a quiet
         # stream is cut after 0.9 to 1.0 times STREAM_IDLE_TIMEOUT_SECS, never later.
         lag = idle - idle / 10
-        deadline = self.plan.deadline
+        deadline = self.attempt_end
         receive = up.receive_some
         send = self.sink.send
         splitter = EventSplitter()
@@ -936,7 +949,7 @@ class _Run:
             translator = dialect.translator(plan.kind, plan.model, plan.fields)
             outcome, reason = await self._pump_translated(translator, up, scope)
             return outcome, reason, None
-        scope.deadline = plan.deadline
+        scope.deadline = self.attempt_end
         body = await up.read(MAX_UPSTREAM_BODY)
         try:
             body = dialect.decode(plan.kind, status, body, plan.model)
@@ -955,8 +968,8 @@ class _Run:
     ) -> tuple[Outcome, str]:
         """`_pump` for a translated stream: the translator frames the events, and says
         whether the node finished its answer."""
-        idle = self.dispatcher.settings.stream_idle_timeout
-        deadline = self.plan.deadline
+        idle = self.idle
+        deadline = self.attempt_end
         trace = self.trace
         send = self.sink.send
         try:
