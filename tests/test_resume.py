@@ -496,3 +496,43 @@ async def test_a_hedged_stream_is_resumed_too(nursery: trio.Nursery) -> None:
         chunks, text = await sdk_stream(lb)
         assert text == WHOLE and len({c.id for c in chunks}) == 1
         assert (await healthy.requests())[-1]["body"]["continue_final_message"] is True
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("anthropic", "anthropic"), ("openai", "anthropic"), ("anthropic", "openai"),
+])
+async def test_anthropic_nodes_resume_and_are_resumed(
+    nursery: trio.Nursery, first: str, second: str,
+) -> None:
+    """A stream from an Anthropic node is watched like any other, and an Anthropic node
+    continues one natively: the text so far is its prefill (a trailing assistant message, no
+    flag); the client sees one stream either way."""
+    from lb.config import NodeConfig
+
+    def mock(dialect: str, name: str, **options: Any) -> Any:
+        extra = {"dialect": "anthropic", "api_key": "k"} if dialect == "anthropic" else {}
+        return start_mock(nursery, models=(MODEL,), tokens=TOKENS, name=name, **extra,
+                          **options)
+
+    def config(node: Any, dialect: str) -> NodeConfig:
+        return NodeConfig(node.url, dialect=dialect, models=(MODEL,),
+                          api_key="k" if dialect == "anthropic" else "")
+
+    with trio.fail_after(10):
+        dying = await mock(first, "a", fault="drop-after=6")
+        healthy = await mock(second, "b")
+        lb = await start_lb(nursery, [], configs=(config(dying, first), config(healthy, second)),
+                            routing_strategy="FAILOVER", stream_resume=True)
+        chunks, text = await sdk_stream(lb, max_tokens=64)
+        assert text == WHOLE
+        assert len({c.id for c in chunks}) == 1
+        assert [c.choices[0].delta.role for c in chunks if c.choices].count("assistant") == 1
+        assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+        sent = (await healthy.requests())[-1]["body"]
+        carried = sent["messages"][-1]
+        assert carried["role"] == "assistant"
+        if second == "anthropic":  # native prefill: no vLLM flags, no trailing whitespace
+            assert "continue_final_message" not in sent
+            assert carried["content"][0]["text"] == text[: len(carried["content"][0]["text"])]
+        else:
+            assert sent["continue_final_message"] is True

@@ -615,11 +615,11 @@ class _Run:
                 return
             if not transcript.resumable or self.resumes >= settings.stream_resume_max:
                 raise error
-            # Not a node that failed in this request, nor one that would translate the request
-            # or answer it with another model (a fallback): their words would not continue it.
+            # Not a node that failed in this request, nor one that answers with another model
+            # (a fallback), nor one whose dialect cannot continue an answer (Ollama's).
             skip = self.failed | {trace.node or ""} | {
                 node.key for node in plan.candidates
-                if not node.dialect.passthrough or node.key in plan.fallback
+                if node.dialect.name not in _CONTINUES or node.key in plan.fallback
             }
             try:
                 node, token = await self._acquire(skip)
@@ -631,6 +631,8 @@ class _Run:
             mode = node.config.labels.get("resume_mode", settings.stream_resume_mode)
             if mode not in resume.MODES:
                 mode = settings.stream_resume_mode
+            if node.dialect.name == "anthropic":
+                mode = resume.NATIVE
             follow = resume.continuation(body, transcript, mode, settings.stream_resume_prompt)
             self.plan = attrs.evolve(plan, body=orjson.dumps(follow), fields=follow)
             self.rewriter = resume.Rewriter(transcript)
@@ -942,9 +944,8 @@ class _Run:
         dialect, plan, trace, status = node.dialect, self.plan, self.trace, up.status
         kept = [item for item in _from_node(up.headers, trace) if item[0] != b"content-type"]
         if plan.stream and dialect.is_stream(status, up.headers):
-            if self.transcript is not None:  # a translated stream is not watched: no resume
-                self.transcript.broken = True
-            self.sink.head(status, [*_SSE_HEAD, *kept])
+            if not self.sink.committed:  # a resumed stream goes on under the first head
+                self.sink.head(status, [*_SSE_HEAD, *kept])
             trace.status = status
             translator = dialect.translator(plan.kind, plan.model, plan.fields)
             outcome, reason = await self._pump_translated(translator, up, scope)
@@ -972,11 +973,15 @@ class _Run:
         deadline = self.attempt_end
         trace = self.trace
         send = self.sink.send
+        transcript, rewriter = self.transcript, self.rewriter
         try:
             while True:
                 scope.deadline = min(deadline, trio.current_time() + idle)
                 received = await up.receive_some()
                 data = translator.feed(received) if received else translator.finish()
+                done = data.endswith(b"data: [DONE]\n\n")
+                if rewriter is not None and data:  # a resumed stream: more of the first one
+                    data = rewriter.feed(data)
                 if data:
                     if trace.first_byte is None:
                         self._first_byte()
@@ -984,12 +989,16 @@ class _Run:
                     await send(data)
                     self.writing = False
                     trace.chunks += 1
-                if not received or data.endswith(b"data: [DONE]\n\n"):
+                    if transcript is not None and rewriter is None:
+                        transcript.feed(data)
+                if not received or done:
                     break
         except (StreamIncomplete, StreamFailed) as exc:
             return Outcome.FAILURE, str(exc) or "closed the stream before it was done"
         trace.last_byte = trio.current_time() - trace.arrival
         usage = translator.usage
+        if usage is not None and rewriter is not None:
+            usage = rewriter.whole(*usage)
         if usage is not None:
             trace.prompt_tokens, trace.completion_tokens = usage
         return Outcome.SUCCESS, ""
@@ -1025,6 +1034,11 @@ class _Run:
                 self.dispatcher.registry.breaker_opened(node, until)
         else:
             breaker.release_probe()
+
+
+# The dialects whose nodes can continue another node's answer (STREAM_RESUME): OpenAI-compatible
+# servers by `continue_final_message`, or an instruction; Anthropic by its native prefill.
+_CONTINUES = frozenset({"openai", "anthropic"})
 
 
 def _fits(node: Node, estimate: int) -> bool:

@@ -33,6 +33,9 @@ import orjson
 PREFILL = "prefill"
 INSTRUCTION = "instruction"
 MODES = (PREFILL, INSTRUCTION)
+# Anthropic's Messages API continues a trailing assistant message by itself (it is a prefill
+# there); no flag is sent, and the text may not end in whitespace.
+NATIVE = "native"
 DEFAULT_PROMPT = (
     "Your previous answer was cut off. Continue it from exactly where it stopped, even in the "
     "middle of a word or sentence. Do not repeat anything and do not mention the interruption."
@@ -195,8 +198,14 @@ def continuation(
         return out
     if not text:  # nothing but the role chunk went out: the request again, as it was
         return out
+    if mode == NATIVE:
+        text = text.rstrip()
+        if not text:
+            return out
     messages = [*out["messages"], {"role": "assistant", "content": text}]
-    if mode == INSTRUCTION:
+    if mode == NATIVE:
+        pass
+    elif mode == INSTRUCTION:
         messages.append({"role": "user", "content": prompt})
     else:
         out["continue_final_message"] = True
@@ -289,11 +298,15 @@ class Rewriter:
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not isinstance(prompt, int) or not isinstance(completion, int):
             return usage
-        carried = self.carried
-        prompt = max(0, prompt - carried)
-        completion += carried
+        prompt, completion = self.whole(prompt, completion)
         summed = {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
         summed.update(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
         return summed
+
+    def whole(self, prompt: int, completion: int) -> tuple[int, int]:
+        """The answer's usage from the continuation's: the text carried over was lb's prompt,
+        and the client's completion."""
+        carried = self.carried
+        return max(0, prompt - carried), completion + carried

@@ -48,6 +48,7 @@ from lb.testing.mock import (
     _generate_delay,
     _json_body,
     _Knobs,
+    _message_words,
     _token_text,
 )
 from lb.testing.tools import example
@@ -111,7 +112,11 @@ async def _messages(node: MockNode, request: Request, knobs: _Knobs) -> Response
     body = _checked(node, request)
     model = body["model"]
     calls = tool_calls(body)
-    pieces = [_token_text(i) for i in range(knobs.tokens)]
+    # A trailing assistant message is a prefill: the answer goes on from its words (the mock's
+    # tokens are words), so a continued answer is what one node would have streamed whole.
+    last = body["messages"][-1]
+    start = _message_words(last) if last.get("role") == "assistant" else 0
+    pieces = [_token_text(i) for i in range(start, max(start, knobs.tokens))]
     text_pieces, stop_reason, stop_sequence = _cut(
         pieces, body["max_tokens"], body.get("stop_sequences") or ()
     )
