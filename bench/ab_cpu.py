@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} :{lb.port} pid {lb.pid}" for name, lb in lbs.items()))
         for lb in lbs.values():
             for mode in args.modes:
-                pb.run_hey(lb.port, mode, args.concurrency, 2000)  # warm-up
+                pb.run_load(lb.port, mode, args.concurrency, 2000)  # warm-up
         names = list(lbs)
         for rep in range(args.reps if args.requests else 0):
             order = names if rep % 2 == 0 else names[::-1]
             for mode in args.modes:
                 for name in order:
                     lb = lbs[name]
-                    run = pb.run_hey(
+                    run = pb.run_load(
                         lb.port, mode, args.concurrency, args.requests, cpu_pid=lb.pid
                     )
                     run.update(tree=name, rep=rep)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 pb.log(f"strace on {name} over {args.strace} requests")
 
                 def load(lb: pb.Proc = lb) -> tuple[int, int]:
-                    run = pb.run_hey(lb.port, "non-stream", args.concurrency, args.strace)
+                    run = pb.run_load(lb.port, "non-stream", args.concurrency, args.strace)
                     return run["ok"], run["errors"]
 
                 extra["syscalls"][name] = pb.strace_counts(lb, name, load, logdir)
