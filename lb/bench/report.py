@@ -85,6 +85,7 @@ def latency_rows(s: dict[str, Any]) -> list[tuple[str, list[str]]]:
     if s["itl_ms"]["count"]:
         rows.append(("inter-token (ms)", s["itl_ms"]))
     if "added_latency_ms" in s:
+        rows.append(("end to end, --compare (ms)", s["compare"]["latency_ms"]))
         rows.append(("added, paired (ms)", s["added_latency_ms"]))
         if s["added_ttft_ms"]["count"] and s["itl_ms"]["count"]:
             rows.append(("added TTFT, paired (ms)", s["added_ttft_ms"]))

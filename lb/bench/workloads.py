@@ -71,6 +71,8 @@ class BuiltIn:
     prefix_words: int = 1024
     conversations: int = 16
     turns: int = 8
+    # fixed: the one request, built once (a generator must not spend its time building it)
+    _fixed: list[Request] = attrs.field(factory=list, init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in BUILT_IN:
@@ -91,9 +93,9 @@ class BuiltIn:
 
     def messages(self, index: int) -> list[dict[str, str]]:
         """The conversation of request `index` (a single user message for most kinds)."""
-        rng = random.Random(f"{self.seed}:{index}")
         if self.kind == "fixed":
             return [{"role": "user", "content": _text(random.Random(self.seed), self.prompt_words)}]
+        rng = random.Random(f"{self.seed}:{index}")
         if self.kind == "random":
             words = rng.randint(self.min_words, self.max_words)
             return [{"role": "user", "content": _text(rng, words)}]
@@ -115,6 +117,13 @@ class BuiltIn:
         return messages
 
     def request(self, index: int) -> Request:
+        if self.kind == "fixed":
+            if not self._fixed:
+                self._fixed.append(self._build(0))
+            return self._fixed[0]
+        return self._build(index)
+
+    def _build(self, index: int) -> Request:
         messages = self.messages(index)
         body: dict[str, Any] = {"model": self.model}
         if self.endpoint == "chat":
