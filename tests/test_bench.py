@@ -110,6 +110,7 @@ async def lb_bench(*args: str, cwd: Path) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr.decode()
     assert b"lb bench:" in done.stdout  # the table
+    assert b"plots:" in done.stderr or not done.stderr  # no progress bar when not a terminal
     result: dict[str, Any] = json.loads((cwd / "report.json").read_bytes())
     return result
 
@@ -124,6 +125,18 @@ async def test_lb_bench_reports_what_the_node_served(nursery: trio.Nursery,
     assert report["latency_ms"]["count"] == 40
     assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p50"]
     assert await mock.chats() == 40
+
+
+async def test_an_open_loop_run_with_plots(nursery: trio.Nursery, tmp_path: Path) -> None:
+    mock = await start_mock(nursery)
+    report = await lb_bench(mock.url, "--rate", "200", "-n", "30", "--workload", "multi-turn",
+                            "--plot", "plots", cwd=tmp_path)
+    assert report["loop"] == "open"
+    assert report["requests"] == report["ok"] == 30
+    assert report["send_lag_ms"]["count"] == 30
+    assert await mock.chats() == 30
+    for name in ("latency-cdf.png", "ttft-over-time.png", "throughput.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 async def test_compare_pairs_each_request_through_lb_with_the_node_direct(

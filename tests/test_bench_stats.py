@@ -237,3 +237,46 @@ def test_jsonl_lines_are_bodies_or_path_and_body_and_cycle() -> None:
 def test_a_bad_jsonl_file_names_the_line(lines: list[bytes], message: str) -> None:
     with pytest.raises(WorkloadError, match=message):
         parse_jsonl(lines, source="f.jsonl")
+
+
+# --- the report's summary -------------------------------------------------------------------
+
+errors_st = st.none() | st.sampled_from(["http 503", "timeout", "closed"])
+samples_st = st.lists(
+    st.tuples(errors_st, st.floats(0.001, 10), st.integers(0, 100)), min_size=1, max_size=50,
+)
+
+
+@given(samples_st, st.floats(0.1, 100))
+def test_a_summary_counts_every_request_once(rows: list[tuple[str | None, float, int]],
+                                             elapsed: float) -> None:
+    from lb.bench.report import side_summary
+    from lb.bench.runner import Sample
+
+    samples = [
+        Sample(index=i, start=0.0, error=err, latency=None if err else lat,
+               ttft=None if err else lat, tokens=0 if err else tokens)
+        for i, (err, lat, tokens) in enumerate(rows)
+    ]
+    s = side_summary(samples, elapsed)
+    assert s["ok"] + sum(s["errors"].values()) == s["requests"] == len(rows)
+    assert s["latency_ms"]["count"] == s["ok"]
+    assert s["tokens"] == sum(t for err, _, t in rows if err is None)
+    assert s["requests_per_s"] == pytest.approx(s["ok"] / elapsed)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["http://x", "--rate", "5", "-c", "2"], "exclude each other"),
+    ([], "give a URL or --against"),
+    (["http://x", "--workload", "nope"], "not one of fixed"),
+    (["http://x", "--endpoint", "embeddings", "--stream"], "embeddings do not stream"),
+    (["http://x", "-H", "no colon"], "expected 'Name: value'"),
+])
+def test_bad_options_are_clear_errors(args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from lb.cli import main
+
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2
+    assert message in result.output
