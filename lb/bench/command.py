@@ -3,6 +3,7 @@ upstream of `--against`), then prints and writes the reports."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def bench(url: str | None, concurrency: int | None, rate: float | None, duration
                          prefix_words=prefix_words, conversations=conversations, turns=turns)
     except WorkloadError as exc:
         _fail(str(exc))
+    _raise_fd_limit()
     extra = [_header(h) for h in headers]
     key = api_key if api_key is not None else _env_key()
     targets = [(url, url, key)] if url else _against(against or "")
@@ -132,6 +134,17 @@ def _workload(name: str, *, endpoint: str, model: str, **options: Any) -> Worklo
     if not Path(name).is_file():
         raise WorkloadError(f"--workload {name!r}: not one of {', '.join(BUILT_IN)} nor a file")
     return load_jsonl(name, endpoint=endpoint, model=model)
+
+
+def _raise_fd_limit() -> None:
+    """An open loop against a slow target holds a connection per request in flight: allow
+    as many as the hard limit does, not the usual soft 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _header(text: str) -> tuple[bytes, bytes]:

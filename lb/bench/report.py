@@ -127,10 +127,11 @@ def render_against(summaries: Sequence[dict[str, Any]]) -> Any:
     return table
 
 
-def print_table(renderable: Any, *, markdown: bool = False) -> None:
+def print_table(renderable: Any) -> None:
     from rich.console import Console
 
-    Console(width=120 if not sys.stdout.isatty() else None).print(renderable)
+    # Not a terminal (a file, a pipe): a fixed width rather than rich's default of 80.
+    Console(width=None if sys.stdout.isatty() else 120).print(renderable)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from lb.http.types import Headers
 from lb.upstream.client import (
     ConnectError,
     ConnectionPool,
+    LocalResourceError,
     UpstreamClosed,
     UpstreamError,
     UpstreamProtocolError,
@@ -200,6 +201,8 @@ async def measure(
         sample.error = "closed"
     except UpstreamProtocolError:
         sample.error = "protocol"
+    except LocalResourceError:  # the generator's own limit, not the target's fault
+        sample.error = "generator out of fds"
     except UpstreamError:
         sample.error = "client"
     if sample.error is not None:
