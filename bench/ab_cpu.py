@@ -1,7 +1,7 @@
 """lb's CPU per request, A/B: two (or more) source trees of lb side by side, in front of one mock.
 
 Each tree runs as its own `lb serve` (with PYTHONPATH pointing at the tree), all in front of the
-same `lb mock`. The hey runs alternate between the trees (and the order flips every
+same `lb mock`. The `lb bench` runs alternate between the trees (and the order flips every
 repetition), so the noise of a shared machine falls on both alike. For each run, lb's CPU time
 (utime+stime from /proc) is divided by the requests served, as in proxy_bench.py.
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an lb source tree to measure (repeat; a path may repeat)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME:VAR=VALUE",
                         help="set VAR for tree NAME's lb (repeat)")
-    parser.add_argument("--reps", type=int, default=5, help="hey runs per tree and mode")
-    parser.add_argument("--requests", type=int, default=20_000, help="requests per hey run")
+    parser.add_argument("--reps", type=int, default=5, help="lb bench runs per tree and mode")
+    parser.add_argument("--requests", type=int, default=20_000, help="requests per lb bench run")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--modes", nargs="+", default=list(pb.MODES), choices=pb.MODES)
     parser.add_argument("--profile", type=int, default=0, metavar="SECS",
@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} :{lb.port} pid {lb.pid}" for name, lb in lbs.items()))
         for lb in lbs.values():
             for mode in args.modes:
-                pb.run_hey(lb.port, mode, args.concurrency, 2000)  # warm-up
+                pb.run_load(lb.port, mode, args.concurrency, 2000)  # warm-up
         names = list(lbs)
         for rep in range(args.reps if args.requests else 0):
             order = names if rep % 2 == 0 else names[::-1]
             for mode in args.modes:
                 for name in order:
                     lb = lbs[name]
-                    run = pb.run_hey(
+                    run = pb.run_load(
                         lb.port, mode, args.concurrency, args.requests, cpu_pid=lb.pid
                     )
                     run.update(tree=name, rep=rep)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 pb.log(f"strace on {name} over {args.strace} requests")
 
                 def load(lb: pb.Proc = lb) -> tuple[int, int]:
-                    run = pb.run_hey(lb.port, "non-stream", args.concurrency, args.strace)
+                    run = pb.run_load(lb.port, "non-stream", args.concurrency, args.strace)
                     return run["ok"], run["errors"]
 
                 extra["syscalls"][name] = pb.strace_counts(lb, name, load, logdir)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(lb: pb.Proc, name: str, seconds: int, logdir: Path) -> dict[str, Any]:
-    """`py-spy record --format raw` on lb under hey -c 16 non-stream load; the raw stacks are
+    """`py-spy record --format raw` on lb under `lb bench -c 16` non-stream load; the raw stacks are
     kept in logdir, the summary (as in proxy_bench.py) is returned."""
     raw = logdir / f"{name}-nonstream.raw"
     argv = ["py-spy", "record", "--pid", str(lb.pid), "--duration", str(seconds),
@@ -245,11 +245,8 @@ def profile(lb: pb.Proc, name: str, seconds: int, logdir: Path) -> dict[str, Any
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(0.5)  # attach
-        subprocess.run(
-            ["hey", "-z", f"{seconds + 1}s", "-c", "16", "-m", "POST", "-T", "application/json",
-             "-d", pb.BODIES["non-stream"], f"http://{pb.HOST}:{lb.port}{pb.CHAT}"],
-            capture_output=True, text=True, timeout=seconds + 60, check=False,
-        )
+        pb.lb_bench(lb.port, "non-stream", "-c", "16", "-d", str(seconds + 1),
+                    timeout=seconds + 60)
         spy.communicate(timeout=seconds + 60)
     finally:
         if spy.poll() is None:

@@ -5,7 +5,7 @@ registered nodes.
 One run measures, with every process on 127.0.0.1 and a private `redis-server` (a free port,
 no persistence) started for it and stopped at the end:
 
-1. lb's CPU per request (utime+stime from /proc/PID/stat around a `hey -c 16` run, as in
+1. lb's CPU per request (utime+stime from /proc/PID/stat around a `lb bench -c 16` run, as in
    proxy_bench.py), non-stream and 9-event streams, for `lb serve` without Redis and with
    REDIS_URL set; the two configurations alternate within each repetition (A B, A B, ...) so
    that the machine's noise hits both; medians, and the ratio Redis / none; the CPU of lb's
@@ -68,7 +68,7 @@ from proxy_bench import (
     machine,
     memory_kb,
     raise_fd_limit,
-    run_hey,
+    run_load,
     spread,
     terminate_on_sigterm,
 )
@@ -138,7 +138,9 @@ def lb_source() -> dict[str, Any]:
     return {"lb_path": str(path), "lb_changes": changes if done.returncode == 0 else None}
 
 
-FOREIGN_MARKERS = ("proxy_bench.py", "ab_cpu.py", "upstream_client_cpu.py", "hey ")
+FOREIGN_MARKERS = (
+    "proxy_bench.py", "ab_cpu.py", "upstream_client_cpu.py", "hey ", "lb.cli bench",
+)
 _foreign_seen: dict[int, dict[str, Any]] = {}
 
 
@@ -344,7 +346,7 @@ def run_cpu(plan: Plan, cluster: Cluster, redis: Proc) -> dict[str, Any]:
             raise RuntimeError(f"lb with REDIS_URL does not see Redis: {status}")
         for mode in MODES:
             for proc in lbs.values():
-                run_hey(proc.port, mode, 16, plan.warmup)
+                run_load(proc.port, mode, 16, plan.warmup)
         for rep in range(plan.cpu_reps):
             for mode in MODES:
                 for name in ("none", "redis"):  # A B, every repetition
@@ -365,10 +367,10 @@ def run_cpu(plan: Plan, cluster: Cluster, redis: Proc) -> dict[str, Any]:
 
 
 def cpu_run(lb: Proc, mode: str, requests: int) -> dict[str, Any]:
-    """One `hey -c 16` run with lb's CPU per request, split into its main thread and the rest
+    """One `lb bench -c 16` run with lb's CPU per request, split into its main thread and the rest
     (worker threads)."""
     main_before = main_thread_cpu(lb.pid)
-    run = run_hey(lb.port, mode, 16, requests, cpu_pid=lb.pid)
+    run = run_load(lb.port, mode, 16, requests, cpu_pid=lb.pid)
     main_s = main_thread_cpu(lb.pid) - main_before
     threads_s = max(0.0, run["cpu_s"] - main_s)
     run.update(
@@ -392,7 +394,7 @@ def run_controls(plan: Plan, cluster: Cluster, redis: Proc) -> dict[str, Any]:
             lbs.append(start_lb(cluster, f"{key}-{i}", env, [mock.port]))
         try:
             for proc in lbs:
-                run_hey(proc.port, "stream", 16, plan.warmup)
+                run_load(proc.port, "stream", 16, plan.warmup)
             pairs = []
             for _ in range(plan.control_reps):
                 note_foreign("1b. controls")
@@ -857,7 +859,7 @@ def report(meta: dict[str, Any], plan: Plan, results: dict[str, Any],
     lines += [
         "",
         f"## 1. CPU per request, with and without Redis ({plan.requests:,} requests per run, "
-        f"hey -c 16, {plan.cpu_reps} repetitions)",
+        f"lb bench -c 16, {plan.cpu_reps} repetitions)",
         "",
         "Two lbs in front of the same `lb mock --tokens 8` (9-event streams): without Redis, and "
         "with `REDIS_URL` (one instance: it holds the scanner lease and syncs every 0.5 s). "
@@ -1029,8 +1031,8 @@ def report(meta: dict[str, Any], plan: Plan, results: dict[str, Any],
         "",
         "## Other benchmarks on the machine during the run",
         "",
-        "Checked before every measurement (processes running `hey`, proxy_bench.py, ab_cpu.py or "
-        "upstream_client_cpu.py that this run did not start): "
+        "Checked before every measurement (processes running `hey` or `lb bench`, "
+        "proxy_bench.py, ab_cpu.py or upstream_client_cpu.py that this run did not start): "
         + (f"{len(foreign)} seen:" if foreign else "none seen."),
     ]
     lines += [f"- during {', '.join(f['sections'])}: `{f['cmd']}`" for f in foreign[:20]]
@@ -1044,10 +1046,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a line for the report (e.g. about the load)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    for tool in ("hey", "redis-server"):
-        if shutil.which(tool) is None:
-            print(f"fleet_bench: needs `{tool}` on PATH (apt-get install {tool})", file=sys.stderr)
-            return 2
+    if shutil.which("redis-server") is None:
+        print("fleet_bench: needs `redis-server` on PATH (apt-get install redis-server)",
+              file=sys.stderr)
+        return 2
     for name in lb_setting_names():  # the lbs get only the settings given here
         os.environ.pop(name, None)
     raise_fd_limit()

@@ -4,13 +4,13 @@ open stream, and where the CPU time goes.
 One run starts a mock node (`lb mock`) and lb in front of it (`lb serve`, log level warning),
 both as subprocesses on 127.0.0.1, then measures, for non-stream and stream chat requests:
 
-1. requests/s, median and p99 latency and errors at concurrency 16 and 64 (closed loop, `hey`),
+1. requests/s, median and p99 latency and errors at concurrency 16 and 64 (closed loop, `lb bench`),
    directly against the mock and through lb, with the same load;
 2. added latency at concurrency 1, paired: each iteration times one request direct and the
-   same request through lb (alternating which goes first) on two kept-alive raw sockets; the
+   same request through lb (alternating which goes first), `lb bench --compare`; the
    median and p90 are taken over the per-pair differences;
 3. lb's CPU time per request: utime+stime of the lb process (/proc/PID/stat) around each
-   through-lb `hey` run, divided by the requests served;
+   through-lb `lb bench` run, divided by the requests served;
 4. 1,000 concurrent open streams through one lb (a slow mock: 20 tokens, 200 ms apart):
    lb's RSS before and at the peak, and whether every stream completed;
 5. a py-spy profile of lb under the concurrency-16 load (non-stream and stream).
@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import csv
 import datetime
-import gc
-import io
 import json
 import math
 import os
@@ -66,6 +63,8 @@ BODIES = {
 }
 MODES = ("non-stream", "stream")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+LB_BENCH = [sys.executable, "-m", "lb.cli", "bench"]  # run in REPO: this checkout's lb
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FD_LIMIT = 65536
 TARGETS = {  # from the issue
@@ -79,7 +78,7 @@ TARGETS = {  # from the issue
 @dataclass(frozen=True)
 class Plan:
     reps: int
-    requests: int  # per hey run
+    requests: int  # per load run
     concurrencies: tuple[int, ...]
     pairs: int  # per paired run and mode
     warmup_pairs: int
@@ -185,14 +184,12 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    hey = shutil.which("hey")
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "kernel": platform.release(),
-        "hey": hey,
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     }
 
@@ -314,59 +311,60 @@ class Cluster:
         self.procs.clear()
 
 
-# --- load: hey (closed loop, fixed concurrency) --------------------------------------------
+# --- load: `lb bench` (closed loop, fixed concurrency) --------------------------------------
 
 
 def _auth_header() -> list[str]:
-    """`LB_BENCH_AUTHORIZATION=Bearer sk-...`: every hey request carries that header (to
-    measure API keys; an lb without keys passes it on to the mock, which ignores it)."""
+    """`LB_BENCH_AUTHORIZATION=Bearer sk-...`: every request of the load carries that header
+    (to measure API keys; an lb without keys passes it on to the mock, which ignores it)."""
     value = os.environ.get("LB_BENCH_AUTHORIZATION")
     return ["-H", f"Authorization: {value}"] if value else []
 
 
-def run_hey(
+def lb_bench(port: int, mode: str, *args: str, timeout: float = 600.0) -> dict[str, Any]:
+    """`lb bench` against 127.0.0.1:port sending BODIES[mode] (a one-line JSONL workload);
+    its JSON report. It runs in its own process, so its CPU is neither lb's nor ours."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workload = Path(tmp) / "workload.jsonl"
+        workload.write_text(BODIES[mode] + "\n")
+        argv = [
+            *LB_BENCH, f"http://{HOST}:{port}", "--workload", str(workload),
+            "--timeout", "20", *_auth_header(), *args, "--json", "-",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                              cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"lb bench failed ({done.returncode}): {done.stderr[-500:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def run_load(
     port: int, mode: str, concurrency: int, requests: int, *, cpu_pid: int | None = None
 ) -> dict[str, Any]:
-    """`hey -n requests -c concurrency` POSTing the chat body; per-request figures from its
-    CSV output. With cpu_pid, also lb's CPU seconds over the run."""
-    argv = [
-        "hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST",
-        "-T", "application/json", "-d", BODIES[mode], "-t", "20", "-o", "csv",
-        *_auth_header(), f"http://{HOST}:{port}{CHAT}",
-    ]
+    """`lb bench -c concurrency -n requests` POSTing the chat body. With cpu_pid, also lb's
+    CPU seconds over the run."""
     cpu_before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     started = time.monotonic()
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60 + requests / 50, check=False
-    )
+    report = lb_bench(port, mode, "-c", str(concurrency), "-n", str(requests),
+                      timeout=60 + requests / 50)
     wall = time.monotonic() - started
     cpu = cpu_seconds(cpu_pid) - cpu_before if cpu_pid else math.nan
-    latencies: list[float] = []
-    statuses: collections.Counter[str] = collections.Counter()
-    end = 0.0
-    for row in csv.DictReader(io.StringIO(done.stdout)):
-        statuses[row["status-code"]] += 1
-        rt = float(row["response-time"])
-        end = max(end, float(row["offset"]) + rt)
-        if row["status-code"] == "200":
-            latencies.append(rt * 1000)
-    ok = len(latencies)
-    expected = requests // concurrency * concurrency  # hey gives each worker n/c requests
+    ok = report["ok"]
     return {
         "mode": mode,
         "concurrency": concurrency,
-        "requests": expected,
+        "requests": report["requests"],
         "ok": ok,
-        "errors": expected - ok,
-        "statuses": dict(statuses),
-        "rps": ok / end if end else math.nan,
-        "p50_ms": pct(latencies, 0.5),
-        "p99_ms": pct(latencies, 0.99),
+        "errors": report["requests"] - ok,
+        "error_kinds": report["errors"],
+        "rps": report["requests_per_s"],
+        "p50_ms": report["latency_ms"]["p50"],
+        "p99_ms": report["latency_ms"]["p99"],
         "wall_s": wall,
         "cpu_s": cpu,
         "cpu_ms_per_request": cpu * 1000 / ok if cpu_pid and ok else math.nan,
-        "hey_rc": done.returncode,
-        "hey_stderr": done.stderr[-500:],
+        "generator_cpu_ms_per_request": report["generator_cpu_ms_per_request"],
     }
 
 
@@ -441,49 +439,23 @@ class RawHTTP:
 
 def run_paired(direct_port: int, lb_port: int, mode: str, pairs: int, warmup: int,
                time_limit: float = 120.0) -> dict[str, Any]:
-    direct, via = RawHTTP(direct_port), RawHTTP(lb_port)
-    try:
-        payload_d, payload_l = direct.payload(BODIES[mode]), via.payload(BODIES[mode])
-        diffs: list[float] = []
-        t_direct: list[float] = []
-        t_lb: list[float] = []
-        errors = 0
-        deadline = time.monotonic() + time_limit
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            for i in range(warmup + pairs):
-                if time.monotonic() > deadline:
-                    break
-                if i % 2:
-                    s_l, ns_l = via.request(payload_l)
-                    s_d, ns_d = direct.request(payload_d)
-                else:
-                    s_d, ns_d = direct.request(payload_d)
-                    s_l, ns_l = via.request(payload_l)
-                if i < warmup:
-                    continue
-                if s_d != 200 or s_l != 200:
-                    errors += 1
-                    continue
-                t_direct.append(ns_d / 1e6)
-                t_lb.append(ns_l / 1e6)
-                diffs.append((ns_l - ns_d) / 1e6)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-    finally:
-        direct.close()
-        via.close()
+    """`lb bench --compare`: each request through lb and direct, alternately first, one pair at
+    a time; percentiles of the per-pair differences."""
+    report = lb_bench(
+        lb_port, mode, "-c", "1", "-n", str(pairs), "-d", str(time_limit),
+        "--warmup", str(warmup), "--compare", f"http://{HOST}:{direct_port}",
+        timeout=time_limit + 120,
+    )
+    added = report["added_latency_ms"]
     return {
         "mode": mode,
-        "pairs": len(diffs),
-        "errors": errors,
-        "added_p50_ms": pct(diffs, 0.5),
-        "added_p90_ms": pct(diffs, 0.9),
-        "added_p99_ms": pct(diffs, 0.99),
-        "direct_p50_ms": pct(t_direct, 0.5),
-        "lb_p50_ms": pct(t_lb, 0.5),
+        "pairs": added["count"],
+        "errors": report["requests"] - added["count"],
+        "added_p50_ms": added["p50"],
+        "added_p90_ms": added["p90"],
+        "added_p99_ms": added["p99"],
+        "direct_p50_ms": report["compare"]["latency_ms"]["p50"],
+        "lb_p50_ms": report["latency_ms"]["p50"],
     }
 
 
@@ -645,17 +617,12 @@ def run_open_streams(
 
 
 def run_profile(lb: Proc, mode: str, seconds: int, outdir: Path) -> dict[str, Any]:
-    """py-spy on lb under hey's concurrency-16 load of `mode` requests."""
+    """py-spy on lb under `lb bench`'s concurrency-16 load of `mode` requests."""
 
     def load() -> str:
-        done = subprocess.run(
-            [
-                "hey", "-z", f"{seconds + 1}s", "-c", "16", "-m", "POST",
-                "-T", "application/json", "-d", BODIES[mode], f"http://{HOST}:{lb.port}{CHAT}",
-            ],
-            capture_output=True, text=True, timeout=seconds + 60, check=False,
-        )
-        return f"hey -c 16: {_hey_rps(done.stdout)} under py-spy"
+        report = lb_bench(lb.port, mode, "-c", "16", "-d", str(seconds + 1),
+                          timeout=seconds + 60)
+        return f"lb bench -c 16: {report['requests_per_s']:.0f} req/s under py-spy"
 
     stem = "nonstream" if mode == "non-stream" else "stream"
     return profile_while(lb, stem, seconds, outdir, load)
@@ -695,13 +662,6 @@ def profile_while(
                 out["load"] = described
                 out.update(summarise_stacks(raw.read_text()))
     return out
-
-
-def _hey_rps(summary: str) -> str:
-    for line in summary.splitlines():
-        if "Requests/sec" in line:
-            return f"{float(line.split()[-1]):.0f} req/s"
-    return "? req/s"
 
 
 def _frame_parts(frame: str) -> tuple[str, str]:
@@ -803,7 +763,7 @@ def run_syscalls(lb: Proc, mode: str, requests: int, logdir: Path) -> dict[str, 
     """lb's syscalls per request during `requests` requests at concurrency 16."""
 
     def load() -> tuple[int, int]:
-        run = run_hey(lb.port, mode, 16, requests)
+        run = run_load(lb.port, mode, 16, requests)
         return run["ok"], run["errors"]
 
     return strace_counts(lb, f"{mode} (per request)", load, logdir)
@@ -876,8 +836,8 @@ def measure(plan: Plan, outdir: Path, profile: bool, syscalls: bool) -> dict[str
         ).decode(errors="replace").strip()
         log(f"mock on :{mock.port}, lb on :{lb.port} (pid {lb.pid}); logs in {logdir}")
         for mode in MODES:  # warm both paths up
-            run_hey(mock.port, mode, 16, min(2000, plan.requests))
-            run_hey(lb.port, mode, 16, min(2000, plan.requests))
+            run_load(mock.port, mode, 16, min(2000, plan.requests))
+            run_load(lb.port, mode, 16, min(2000, plan.requests))
         for rep in range(plan.reps):
             for mode in MODES:
                 paired = run_paired(mock.port, lb.port, mode, plan.pairs, plan.warmup_pairs)
@@ -889,7 +849,7 @@ def measure(plan: Plan, outdir: Path, profile: bool, syscalls: bool) -> dict[str
                 )
                 for c in plan.concurrencies:
                     for target, port in (("direct", mock.port), ("lb", lb.port)):
-                        run = run_hey(
+                        run = run_load(
                             port, mode, c, plan.requests,
                             cpu_pid=lb.pid if target == "lb" else None,
                         )
@@ -1055,7 +1015,7 @@ def report(meta: dict[str, Any], plan: Plan, results: dict[str, Any],
         )
     lines += [
         "",
-        f"## Throughput and latency (hey, closed loop, {plan.requests:,} requests per run)",
+        f"## Throughput and latency (lb bench, closed loop, {plan.requests:,} requests per run)",
         "",
         "Latency of a stream is until its last byte. lb CPU is utime+stime of the lb process "
         "over the run divided by the requests served.",
@@ -1141,8 +1101,8 @@ def _profile_section(mode: str, prof: dict[str, Any]) -> list[str]:
     if "error" in prof:
         return [f"Profile of {mode} failed: `{prof['error']}`", ""]
     what = {
-        "non-stream": "non-stream requests, hey -c 16",
-        "stream": "9-event streams (read at once), hey -c 16",
+        "non-stream": "non-stream requests, lb bench -c 16",
+        "stream": "9-event streams (read at once), lb bench -c 16",
         "slow streams": "open streams, every event its own read (the open-streams setup)",
     }.get(mode, mode)
     out = [
@@ -1183,7 +1143,7 @@ def _syscall_section(syscalls: dict[str, Any]) -> list[str]:
     out = [
         "### lb's syscalls (strace -c -f)",
         "",
-        "Counts per request under hey -c 16, and per event for the slow streams of the "
+        "Counts per request under lb bench -c 16, and per event for the slow streams of the "
         "open-streams setup ("
         + ", ".join(f"{r['label']}: {r['served']:,}" for r in runs) + ").",
         "",
@@ -1238,9 +1198,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.reps is not None:
         plan = Plan(**{**asdict(plan), "reps": max(1, args.reps)})
-    if shutil.which("hey") is None:
-        print("proxy_bench: needs `hey` on PATH (apt-get install hey)", file=sys.stderr)
-        return 2
     raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()

@@ -262,5 +262,13 @@ def keys_revoke(ctx: click.Context, key: tuple[str, ...]) -> None:
     _admin(ctx, "POST", "/key/delete", json={"keys": list(key)})
 
 
+def _add_bench() -> None:
+    from lb.bench.command import bench
+
+    main.add_command(bench)
+
+
+_add_bench()
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,256 @@
+"""Sends a bench's requests and times them: the only I/O of `lb bench`.
+
+Built on lb's own upstream client (trio + h11, keep-alive pooled), so the generator costs
+about what lb's own hop to a node costs. Every time is `trio.current_time()` (so tests run
+on trio's autojump clock). Closed loop: `concurrency` workers, each sending its next request
+when the last one ended; a sample's clock starts when it is sent. Open loop: the whole
+Poisson schedule is fixed up front and each request's clock starts at its *scheduled* time,
+so a target that stalls is charged for the requests that queued behind the stall
+(coordinated omission excluded); how late the generator itself sent is kept as `lag`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from lb.bench.schedule import StopRule, open_loop_schedule
+from lb.bench.workloads import Request, Workload
+from lb.http.types import Headers
+from lb.upstream.client import (
+    ConnectError,
+    ConnectionPool,
+    LocalResourceError,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+
+_TAIL = 8192  # bytes of a stream kept to find its usage event and an error event
+
+
+@attrs.define(slots=True)
+class Sample:
+    """One request. Times in seconds: `start` from the run's start (the scheduled time in an
+    open loop), `ttft` and `latency` from `start` (None if it failed)."""
+
+    index: int
+    start: float
+    status: int = 0
+    error: str | None = None
+    ttft: float | None = None
+    latency: float | None = None
+    tokens: int = 0
+    itls: list[float] = attrs.Factory(list)
+    lag: float = 0.0  # open loop: how late after its scheduled time the request was sent
+
+
+@attrs.frozen
+class Plan:
+    url: str
+    workload: Workload
+    stop: StopRule
+    concurrency: int | None = 1  # closed loop; None with a rate
+    rate: float | None = None  # open loop, requests per second
+    compare: str | None = None  # each request also sent here, alternately first
+    seed: int = 0
+    timeout: float = 60.0
+    warmup: int = 0
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give either a concurrency (closed loop) or a rate (open loop)")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+
+
+@attrs.define
+class Run:
+    plan: Plan
+    samples: list[Sample]
+    compared: list[Sample]  # with --compare: compared[k] is samples[k]'s twin
+    elapsed: float  # from the start to the last answer, seconds
+    wall_start: float  # time.time() at the start, for the report
+    cpu: float = 0.0  # the generator's own CPU seconds over the run (is it the bottleneck?)
+
+
+Progress = Callable[[int], None]
+
+
+async def run(plan: Plan, progress: Progress | None = None) -> Run:
+    pools = [ConnectionPool(plan.url, max_idle=4096, connect_timeout=plan.timeout)]
+    if plan.compare:
+        pools.append(ConnectionPool(plan.compare, max_idle=4096, connect_timeout=plan.timeout))
+    headers: Headers = [(b"content-type", b"application/json"), *plan.headers]
+    try:
+        if plan.warmup:
+            warm = attrs.evolve(plan, stop=StopRule(requests=plan.warmup), rate=None,
+                                concurrency=min(plan.concurrency or 16, plan.warmup), warmup=0)
+            await _closed(warm, pools, headers, trio.current_time(), [], [], None)
+        samples: list[Sample] = []
+        compared: list[Sample] = []
+        wall = time.time()
+        cpu = time.process_time()
+        t0 = trio.current_time()
+        if plan.rate is not None:
+            await _open(plan, pools, headers, t0, samples, compared, progress)
+        else:
+            await _closed(plan, pools, headers, t0, samples, compared, progress)
+        elapsed = trio.current_time() - t0
+        return Run(plan, samples, compared, elapsed, wall, time.process_time() - cpu)
+    finally:
+        for pool in pools:
+            await pool.aclose()
+
+
+async def _closed(
+    plan: Plan, pools: list[ConnectionPool], headers: Headers, t0: float,
+    samples: list[Sample], compared: list[Sample], progress: Progress | None,
+) -> None:
+    sent = 0
+
+    async def worker() -> None:
+        nonlocal sent
+        while plan.stop.may_send(sent, trio.current_time() - t0):
+            index = sent
+            sent += 1
+            await _send(plan, pools, headers, index, t0, trio.current_time(), samples, compared)
+            if progress:
+                progress(1)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(plan.concurrency or 1):
+            nursery.start_soon(worker)
+
+
+async def _open(
+    plan: Plan, pools: list[ConnectionPool], headers: Headers, t0: float,
+    samples: list[Sample], compared: list[Sample], progress: Progress | None,
+) -> None:
+    assert plan.rate is not None
+    schedule = open_loop_schedule(
+        plan.rate, plan.seed, duration=plan.stop.duration, requests=plan.stop.requests
+    )
+
+    async def one(index: int, at: float) -> None:
+        await _send(plan, pools, headers, index, t0, at, samples, compared)
+        if progress:
+            progress(1)
+
+    async with trio.open_nursery() as nursery:
+        for index, offset in enumerate(schedule):
+            at = t0 + offset
+            await trio.sleep_until(at)
+            nursery.start_soon(one, index, at)
+
+
+async def _send(
+    plan: Plan, pools: list[ConnectionPool], headers: Headers, index: int, t0: float,
+    scheduled: float, samples: list[Sample], compared: list[Sample],
+) -> None:
+    request = plan.workload.request(index)
+    if len(pools) == 1:
+        samples.append(await measure(pools[0], request, headers, index, t0, scheduled,
+                                     plan.timeout))
+        return
+    # Paired: the same request both ways, one after the other, alternately first, each timed
+    # from its own send (the second did not wait in any queue of the first's).
+    order = (0, 1) if index % 2 == 0 else (1, 0)
+    pair: list[Sample | None] = [None, None]
+    for side in order:
+        pair[side] = await measure(pools[side], request, headers, index, t0,
+                                   trio.current_time(), plan.timeout)
+    assert pair[0] is not None and pair[1] is not None
+    samples.append(pair[0])
+    compared.append(pair[1])
+
+
+async def measure(
+    pool: ConnectionPool, request: Request, headers: Headers, index: int, t0: float,
+    scheduled: float, limit: float,
+) -> Sample:
+    """Send one request and time it from `scheduled` (trio clock), within `limit` seconds;
+    never raises for the target's faults: they become the sample's `error`."""
+    now = trio.current_time()
+    sample = Sample(index=index, start=scheduled - t0, lag=max(0.0, now - scheduled))
+    try:
+        with trio.fail_after(limit):
+            async with pool.request("POST", request.path, headers, request.body) as resp:
+                sample.status = resp.status
+                if resp.status != 200:
+                    await resp.read()
+                    sample.error = f"http {resp.status}"
+                elif request.stream:
+                    await _read_stream(resp, sample, scheduled)
+                else:
+                    body = await resp.read()
+                    sample.ttft = sample.latency = trio.current_time() - scheduled
+                    sample.tokens = _tokens(body, sample)
+    except trio.TooSlowError:
+        sample.error = "timeout"
+    except ConnectError:
+        sample.error = "connect"
+    except UpstreamClosed:
+        sample.error = "closed"
+    except UpstreamProtocolError:
+        sample.error = "protocol"
+    except LocalResourceError:  # the generator's own limit, not the target's fault
+        sample.error = "generator out of fds"
+    except UpstreamError:
+        sample.error = "client"
+    if sample.error is not None:
+        sample.ttft = sample.latency = None
+    return sample
+
+
+async def _read_stream(resp: Any, sample: Sample, scheduled: float) -> None:
+    """TTFT: the first read holding an SSE event. ITL: the gaps between reads holding events
+    (events that arrive in one read are one gap: that is when the client saw them)."""
+    tail = b""
+    last = 0.0
+    events = 0
+    while chunk := await resp.receive_some():
+        now = trio.current_time()
+        count = chunk.count(b"data:")
+        if count:
+            if sample.ttft is None:
+                sample.ttft = now - scheduled
+            else:
+                sample.itls.append(now - last)
+            last = now
+            events += count
+        tail = (tail + chunk)[-_TAIL:]
+    sample.latency = trio.current_time() - scheduled
+    if b"data: [DONE]" not in tail:
+        sample.error = "truncated stream"
+        return
+    for event in reversed(tail.split(b"\n\n")):
+        if event.startswith(b"data: {"):
+            if b'"error"' in event[:20]:
+                sample.error = "error event"
+                return
+            if b'"usage"' in event:
+                sample.tokens = _tokens(event[6:], sample)
+                return
+    sample.tokens = max(0, events - 2)  # no usage: content events, less [DONE] and the stop
+
+
+def _tokens(body: bytes, sample: Sample) -> int:
+    """Completion tokens from an answer's usage (prompt tokens for embeddings)."""
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        return int(usage.get("completion_tokens", usage.get("prompt_tokens", 0)))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        sample.error = "bad json"
+        return 0
+
+
+def rate_of(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else math.nan
