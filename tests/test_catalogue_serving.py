@@ -87,3 +87,17 @@ async def test_a_prompt_too_long_for_every_window_is_refused(
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
     assert await mlx.chats() == 0
+
+
+async def test_a_wildcard_route_without_a_key(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """`mlx-*` on a node lb has no credential for: the requested name still reaches it."""
+    mlx = await start_mock(nursery, models=MLX_MODELS)
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({"model_list": [{
+        "model_name": "mlx-*", "litellm_params": {"model": "openai/mlx-*",
+                                                 "api_base": f"{mlx.url}/v1"},
+    }]}))
+    lb = await start_lb_with(nursery, load_settings(config_file=config, env={}))
+    async with httpx.AsyncClient(timeout=10) as client:
+        await _chat(client, lb.url, "mlx-qwen3-4b-q4-instruct")
+    assert (await mlx.requests())[-1]["body"]["model"] == "mlx-qwen3-4b-q4-instruct"

@@ -751,7 +751,7 @@ class _Run:
             # only the request's deadline (or the node's own timeout) bounds it.
             scope.deadline = end
 
-        if node.rewrites or plan.fallback:
+        if node.rewrites or plan.fallback or plan.matched is not None:
             path, body, headers = self._for_node(node)
         else:
             path, body, headers = plan.path, plan.body, plan.headers
