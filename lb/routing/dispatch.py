@@ -132,6 +132,9 @@ class Dispatcher:
         self.aliases = settings.aliases
         self.fallbacks = settings.fallbacks
         self.catalogue = settings.catalogue
+        self.wildcards = settings.catalogue is not None and any(
+            "*" in handle for handle in settings.catalogue.handles
+        )
         self._counter = itertools.count()
         self._rng = rng or random.Random()
         # PREFIX_AWARE: block hash -> the node that served it (empty unless that strategy runs).
@@ -243,9 +246,12 @@ class Dispatcher:
         """The model (or catalogue group) to route to, and the name a wildcard group (`mlx-*`)
         matched, if that is how it was found."""
         requested = self.aliases.get(intent.model, intent.model) if self.aliases else intent.model
+        counts = self.registry.model_counts()
+        if self.wildcards:  # a route such as `mlx-*` is no model a sentinel may pick
+            counts = {model: n for model, n in counts.items() if "*" not in model}
         try:
             model = resolve_model(
-                requested, self.registry.model_counts(), kind=intent.kind,
+                requested, counts, kind=intent.kind,
                 sentinels=self.sentinels, preferred=self.registry.prefs.preferred_models,
                 prefer_small=intent.prefer_small,
             )
