@@ -133,6 +133,7 @@ def build_fleet(settings: Settings, registry: Registry, address: str, port: int)
         take_opened_breakers=lambda: registry.take_opened_breakers(trio.current_time()),
         trip_breaker=trip,
         demand=registry.demand,
+        instances_changed=registry.share_rates,
     )
     return Fleet(
         RedisStore(address, settings.redis_prefix),
@@ -192,6 +193,10 @@ def build_router(
     observers: list[RequestObserver] = [counters, routing_stats, latency, AccessLog()]
     if gate is not None:
         observers.append(gate)  # settles each request's key: tokens, parallel slot, spend
+    if any(node.rate is not None for node in registry.nodes.values()):
+        from lb.routing.node_rate import NodeRateObserver
+
+        observers.append(NodeRateObserver(registry.nodes.get))  # nodes' tpm: real usage
     # The master key opens the admin endpoints and the views of the topology too.
     admin_key: admin.AdminKey = tuple(k for k in (settings.admin_key, settings.master_key) if k)
     if settings.metrics:

@@ -194,6 +194,7 @@ def node_configs(catalogue: Catalogue, taken: Collection[str] = ()) -> tuple[Nod
             name=name, params=dict(deployment.params),
             max_input_tokens=deployment.max_input_tokens,
             timeout=deployment.timeout, stream_timeout=deployment.stream_timeout,
+            rpm=deployment.rpm or None, tpm=deployment.tpm or None,
         ))
     return tuple(nodes)
 

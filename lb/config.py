@@ -55,6 +55,9 @@ class NodeConfig:
     # longest gap between two stream chunks (None: the router-wide settings).
     timeout: float | None = None
     stream_timeout: float | None = None
+    # The deployment's own limits: requests and tokens per minute (lb.routing.node_rate).
+    rpm: int | None = None
+    tpm: int | None = None
     # host:port (or `name`), the name a node goes by in headers, MAXCONN_MAP and `?node=`;
     # computed once because the request path reads it several times.
     key: str = attrs.field(init=False, eq=False, repr=False)
@@ -265,6 +268,7 @@ DIALECTS = ("openai", "anthropic", "ollama")
 _NODE_FIELDS = {
     "url", "maxconn", "weight", "labels", "dialect", "api_key", "forward_auth", "models",
     "timeout", "stream_timeout",
+    "rpm", "tpm",
 }
 
 
@@ -296,8 +300,21 @@ def _node(value: Any) -> NodeConfig:
             models=_names(value.get("models") or ()),
             timeout=_optional(_positive_seconds, value.get("timeout")),
             stream_timeout=_optional(_positive_seconds, value.get("stream_timeout")),
+            rpm=_per_minute(value, "rpm"),
+            tpm=_per_minute(value, "tpm"),
         )
     return NodeConfig(url=node_url(value))
+
+
+def _per_minute(node: Mapping[str, Any], field: str) -> int | None:
+    value = node.get(field)
+    if value is None:
+        return None
+    try:
+        limit = _int(1)(value)
+    except ValueError:
+        raise ValueError(f"node {field} must be a whole number > 0") from None
+    return limit
 
 
 def _nodes(value: Any) -> tuple[NodeConfig, ...]:

@@ -66,8 +66,11 @@ class FleetHooks:
         trip_breaker: Callable[[str, float], None],  # node, seconds to stay open
         # node -> (fleet-wide cap, in flight from here, in flight + waiting here, local limit)
         demand: Callable[[], dict[str, tuple[int, int, int, int]]],
+        # The live instances changed: each keeps 1/n of the nodes' own rpm/tpm.
+        instances_changed: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.demand = demand
+        self.instances_changed = instances_changed
         self.caps = caps
         self.set_local_caps = set_local_caps
         self.export_table = export_table
@@ -166,6 +169,8 @@ class Fleet:
         was_leader, self.leader = self.leader, result.leader == self.id
         if self.leader and not was_leader:
             log.info("instance %s now leads scanning", self.id)
+        if len(result.instances) != len(self.instances):
+            self.hooks.instances_changed(len(result.instances))
         self.instances = result.instances
         await self._apply_prefs(result)
         if not self.leader and result.registry and result.registry != self._last_table:

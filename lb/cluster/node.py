@@ -10,6 +10,7 @@ import trio
 from lb.cluster.breaker import CircuitBreaker
 from lb.config import NodeConfig, Settings
 from lb.http.types import Headers
+from lb.routing.node_rate import NodeRate
 from lb.upstream.base import Upstream
 from lb.upstream.client import ConnectionPool
 from lb.upstream.dialects import Dialect, dialect_for
@@ -42,6 +43,8 @@ class Node:
     # A request needs more than the client's bytes and headers: a translated dialect, the
     # node's own model names or a credential. False on the fast path.
     rewrites: bool = False
+    # The deployment's rpm/tpm windows; None (one attribute test) for a node without limits.
+    rate: NodeRate | None = None
 
     @classmethod
     def create(
@@ -61,6 +64,8 @@ class Node:
             not dialect.passthrough or bool(config.model_map) or bool(node.auth_headers)
             or config.forward_auth or bool(config.params)
         )
+        if config.rpm is not None or config.tpm is not None:
+            node.rate = NodeRate(config.rpm, config.tpm)
         if config.models:  # a fixed list: serving from the start, never probed
             node.models, node.healthy = config.models, True
         return node

@@ -36,6 +36,7 @@ class Registry:
         self.slot_freed = trio.lowlevel.ParkingLot()
         # Requests parked for a slot, per node they wait for (a fleet asks for more for it).
         self.waiting: dict[str, int] = {}
+        self.instances = 1  # the fleet's live instances, as last learnt (nodes' rpm/tpm shares)
         for node in nodes:
             self.nodes[node.key] = node
         self._reindex()
@@ -43,6 +44,8 @@ class Registry:
     def add(self, node: Node) -> None:
         self.nodes[node.key] = node
         node.capacity = self.fleet_cap(node)  # a fleet shrinks it to a share at its next sync
+        if node.rate is not None:
+            node.rate.share(self.instances)
         self._reindex()
 
     def remove(self, key: str) -> Node | None:
@@ -140,6 +143,13 @@ class Registry:
                 self.waiting[key] = count
             else:
                 self.waiting.pop(key, None)
+
+    def share_rates(self, instances: int) -> None:
+        """A fleet of `instances`: each keeps 1/n of every node's own rpm/tpm."""
+        self.instances = instances
+        for node in self.nodes.values():
+            if node.rate is not None:
+                node.rate.share(instances)
 
     def breaker_opened(self, node: Node, until: float) -> None:
         self._opened[node.key] = until

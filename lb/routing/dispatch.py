@@ -52,8 +52,9 @@ from lb.obs.observer import Observers, Outcome, RequestObserver, Trace
 from lb.obs.usage import content_events, usage_of
 from lb.routing import hedge, prefix, resume, split, strategies
 from lb.routing.context import check_context, estimate_tokens
-from lb.routing.eligibility import blocked
+from lb.routing.eligibility import Reason, blocked
 from lb.routing.intent import RouteRequest
+from lb.routing.node_rate import estimate as estimate_prompt
 from lb.routing.resolve import ModelKind, resolve_model
 from lb.upstream.base import UpstreamResponse
 from lb.upstream.client import (
@@ -173,6 +174,11 @@ class Dispatcher:
         extra: list[Node] = []
         if self.fallbacks and not intent.node and self._fallback_groups(model):
             extra, fallback = self._fallbacks(model, strategy, now, open_nodes)
+        queue_timeout = self.settings.queue_timeout
+        if queue_timeout and len(open_nodes) < len(nodes):
+            # Nodes kept only by their rpm/tpm, if one frees within the queue: waited for
+            # after the open ones (a request may queue for either).
+            extra = [*_rate_waiters(nodes, now, queue_timeout), *extra]
         if not open_nodes:
             if not extra:
                 raise _nobody_serves(model, nodes, now)
@@ -440,6 +446,7 @@ class _Run:
     resume_body: dict[str, Any] | None = None
     rewriter: resume.Rewriter | None = None
     resumes: int = 0
+    prompt_tokens: int = -1  # the estimate a node's tpm counts (computed for such a node only)
 
     async def run(self) -> None:
         tried: set[str] = set()
@@ -583,12 +590,17 @@ class _Run:
                 continue
             if fallback and fallback.get(node.key) != group:
                 continue
+            rate = node.rate
+            if rate is not None and rate.wait(now, self._prompt_tokens()) > 0:
+                continue
             token = object()
             try:
                 node.limiter.acquire_on_behalf_of_nowait(token)
             except trio.WouldBlock:
                 continue
             if node.breaker.acquire(now):
+                if rate is not None:
+                    rate.take(now, self.plan.request_id, self._prompt_tokens())
                 return node, token
             node.limiter.release_on_behalf_of(token)
         return None
@@ -693,35 +705,60 @@ class _Run:
         while True:
             token = object()
             any_open = False
+            wake = math.inf  # seconds until a node at its own rpm/tpm may take the request
             for node in ordered:
-                if blocked(node, now) is not None:
+                rate = node.rate
+                reason = blocked(node, now)
+                if reason is not None:
+                    if rate is not None and reason is Reason.RATE_LIMITED and (
+                        node.busy_until <= now
+                    ):
+                        wake = min(wake, rate.wait(now, self._prompt_tokens()))
                     continue
+                if rate is not None:
+                    wait = rate.wait(now, self._prompt_tokens())
+                    if wait > 0:
+                        wake = min(wake, wait)
+                        continue
                 any_open = True
                 try:
                     node.limiter.acquire_on_behalf_of_nowait(token)
                 except trio.WouldBlock:
                     continue
                 if node.breaker.acquire(now):
+                    if rate is not None:
+                        rate.take(now, self.plan.request_id, self._prompt_tokens())
                     if now > queued_at:
                         self._queued(now - queued_at)
                     return node, token
                 node.limiter.release_on_behalf_of(token)
-            if not any_open:
+            if not any_open and now + wake > queue_deadline:
                 self._give_up()
             waits_for = [node.key for node in ordered]  # counted: a fleet grows our share
             registry.add_waiting(waits_for, 1)
             try:
-                with trio.move_on_at(queue_deadline):
+                # A window frees its slot at a known time, not with a released slot: wake then.
+                with trio.move_on_at(min(queue_deadline, now + wake)):
                     await registry.slot_freed.park()
                     now = trio.current_time()
                     continue
             finally:
                 registry.add_waiting(waits_for, -1)
-            self._queued(trio.current_time() - queued_at)
+            now = trio.current_time()
+            if now < queue_deadline:
+                continue
+            self._queued(now - queued_at)
+            if not any_open:
+                raise _nobody_serves(self.plan.model, ordered, now)
             raise CapacityExceeded(
                 f"Every node serving {self.plan.model} is at capacity; retry shortly",
                 retry_after=CAPACITY_RETRY_AFTER,
             )
+
+    def _prompt_tokens(self) -> int:
+        if self.prompt_tokens < 0:
+            self.prompt_tokens = estimate_prompt(self.plan.body)
+        return self.prompt_tokens
 
     def _queued(self, seconds: float) -> None:
         self.trace.queue_wait += seconds
@@ -1066,12 +1103,22 @@ def _nobody_serves(model: str, nodes: Sequence[Node], now: float) -> LBError:
     """Why no node can take a request now: the nodes' own rate limits (429, until the first
     Retry-After runs out), else no healthy node (503)."""
     busy = [node.busy_until - now for node in nodes if node.busy_until > now]
+    busy += [wait for node in nodes if node.rate is not None and (wait := node.rate.wait(now))]
     if busy:
         return RateLimited(
             f"Every node serving {model} is rate limiting requests; retry later",
             retry_after=min(busy),
         )
     return NoHealthyNode(f"No healthy node serves model {model} right now")
+
+
+def _rate_waiters(nodes: Sequence[Node], now: float, queue_timeout: float) -> list[Node]:
+    """Nodes kept only by their own rpm/tpm, that may take a request within `queue_timeout`."""
+    return [
+        node for node in nodes
+        if node.rate is not None and blocked(node, now) is Reason.RATE_LIMITED
+        and node.busy_until <= now and node.rate.wait(now) <= queue_timeout
+    ]
 
 
 def _from_node(headers: Headers, trace: Trace) -> Headers:

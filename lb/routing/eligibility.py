@@ -29,6 +29,9 @@ def blocked(node: Node, now: float) -> Reason | None:
         return Reason.BREAKER_OPEN
     if node.busy_until > now:
         return Reason.RATE_LIMITED
+    rate = node.rate
+    if rate is not None and rate.wait(now) > 0:  # its own rpm/tpm (a prompt's size aside)
+        return Reason.RATE_LIMITED
     return None
 
 
