@@ -34,9 +34,10 @@ class Limits:
         return Limits(cut(self.rpm), cut(self.tpm), cut(self.burst), cut(self.parallel))
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True, eq=False)
 class Figures:
-    """What the `x-ratelimit-*` headers say (None: no such limit)."""
+    """What the `x-ratelimit-*` headers say (None: no such limit). Not frozen: one is made
+    per admitted request, and a frozen class's __init__ costs several times more."""
 
     limit_requests: int | None = None
     remaining_requests: int = 0
@@ -46,20 +47,31 @@ class Figures:
     reset_tokens: float = 0.0
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
-        if self.limit_requests is not None:
-            out += [
-                (b"x-ratelimit-limit-requests", b"%d" % self.limit_requests),
+        # Built on every admitted request: literals and bytes formatting, nothing more.
+        requests, tokens = self.limit_requests, self.limit_tokens
+        if requests is not None:
+            out = [
+                (b"x-ratelimit-limit-requests", b"%d" % requests),
                 (b"x-ratelimit-remaining-requests", b"%d" % max(0, self.remaining_requests)),
-                (b"x-ratelimit-reset-requests", format_reset(self.reset_requests).encode()),
+                (b"x-ratelimit-reset-requests", reset_bytes(self.reset_requests)),
             ]
-        if self.limit_tokens is not None:
-            out += [
-                (b"x-ratelimit-limit-tokens", b"%d" % self.limit_tokens),
-                (b"x-ratelimit-remaining-tokens", b"%d" % max(0, self.remaining_tokens)),
-                (b"x-ratelimit-reset-tokens", format_reset(self.reset_tokens).encode()),
-            ]
+            if tokens is None:
+                return out
+        elif tokens is None:
+            return []
+        else:
+            out = []
+        out.append((b"x-ratelimit-limit-tokens", b"%d" % tokens))
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, self.remaining_tokens)))
+        out.append((b"x-ratelimit-reset-tokens", reset_bytes(self.reset_tokens)))
         return out
+
+
+def reset_bytes(seconds: float) -> bytes:
+    """`format_reset` as bytes; under a minute (nearly always) without a str in between."""
+    if seconds < 60:
+        return b"%.3gs" % (seconds if seconds > 0 else 0.0)
+    return format_reset(seconds).encode()
 
 
 @attrs.frozen(slots=True)
