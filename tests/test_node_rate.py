@@ -294,3 +294,20 @@ def test_a_nodes_entrys_limits_are_checked(tmp_path: Path) -> None:
     config = write(tmp_path, {"nodes": [{"url": "http://127.0.0.1:9", "rpm": 0}]})
     with pytest.raises(Exception, match="rpm must be a whole number > 0"):
         load_settings(config_file=config)
+
+
+def test_a_fleet_shares_each_nodes_limits() -> None:
+    """The fleet's live instances (learnt at each sync) cut every limited node's windows,
+    nodes added later included; unlimited nodes have none."""
+    a, _ = limited(1, rpm=60, tpm=6000)
+    b, _ = limited(2)
+    registry = Registry([a, b])
+    registry.share_rates(3)
+    assert a.rate is not None and a.rate.requests is not None and a.rate.tokens is not None
+    assert (a.rate.requests.limit, a.rate.tokens.limit) == (20, 2000) and b.rate is None
+    c, _ = limited(3, rpm=10)
+    registry.add(c)
+    assert c.rate is not None and c.rate.requests is not None
+    assert c.rate.requests.limit == 3
+    registry.share_rates(1)
+    assert (a.rate.requests.limit, c.rate.requests.limit) == (60, 10)

@@ -93,12 +93,13 @@ class Admission:
     gate: Gate
     record: KeyRecord | None  # None: the master key (no limits, no spend)
     ticket: Ticket | None = None
-    headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)  # x-ratelimit-*
+    # (Immutable defaults, not factories: one Admission is made per request.)
+    headers: Sequence[tuple[bytes, bytes]] = ()  # x-ratelimit-*
     limits: Limits | None = None  # the limits it was admitted under (a share, Redis down)
     fleet: bool = False  # admitted by the fleet's Redis
     done: bool = False
     # Operator limits (per model, all requests) it holds: their counters and its tickets.
-    scoped: list[tuple[KeyCounters, Ticket]] = attrs.field(factory=list)
+    scoped: Sequence[tuple[KeyCounters, Ticket]] = ()
 
     def settle(self, trace: Trace) -> None:
         if not self.done:
