@@ -329,6 +329,8 @@ class Gate(Observer):
                 if trio.current_time() >= flush_at:
                     await self.flush()  # kept and tried again if the store is down
                     flush_at = trio.current_time() + SPEND_FLUSH_SECS
+                    # Reloaded at next use: the spend other instances added (a shared store).
+                    self._records.clear()
                 await self.refresh()
             except Exception as exc:  # the store is away (Redis down): go on with the cache
                 if not failing:
@@ -352,34 +354,13 @@ class Gate(Observer):
         flushed: dict[str, float] = {}
         for rec in batch:
             flushed[rec.token] = flushed.get(rec.token, 0.0) + rec.spend
-        try:
-            await self._reload(flushed)
-        finally:
-            for token, amount in flushed.items():
-                left = self._pending.get(token, 0.0) - amount
-                if left > 1e-12:
-                    self._pending[token] = left
-                else:
-                    self._pending.pop(token, None)
-
-    async def _reload(self, flushed: Mapping[str, float]) -> None:
-        """The cached records with the store's spend (and any change of period). A fleet's
-        store has other instances' spend too: every key is read again at its next use. Alone,
-        only the keys just flushed changed: each is read again now, in place, so requests
-        never miss the cache (a miss under load is a store call per waiting request)."""
-        if self.fleet is not None:
-            self._records.clear()
-            return
-        for token in flushed:
-            if token not in self._records:
-                continue
-            try:
-                record = await self.store.get(token)
-            except Exception:
-                self._records.pop(token, None)  # read at its next use
-                raise
-            if token in self._records:  # not dropped meanwhile (a key changed)
-                self._records[token] = self._known[token] = record
+        for token, amount in flushed.items():
+            left = self._pending.get(token, 0.0) - amount
+            if left > 1e-12:
+                self._pending[token] = left
+            else:
+                self._pending.pop(token, None)
+        self._records.clear()  # reloaded with the store's spend (and any change of period)
 
     async def refresh(self) -> None:
         version = await self.store.version()

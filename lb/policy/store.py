@@ -13,9 +13,8 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-import attrs
 import orjson
 import trio
 
@@ -49,8 +48,11 @@ _COLUMNS = (
 )
 
 
-@attrs.frozen(slots=True)
-class SpendRecord:
+class SpendRecord(NamedTuple):
+    """One finished request's spend. A tuple, not an attrs class: one is made per request
+    and held until the flush, and a tuple of plain values is cheap to make and untracked by
+    the garbage collector."""
+
     token: str
     request_id: str
     model: str
