@@ -60,7 +60,11 @@ def test_never_more_than_the_limits_in_any_minute(
             recent = [(at, used) for at, used in sent if at > now - 60]
             weight = min(tokens, tpm)
             assert len(recent) >= rpm or sum(used for _, used in recent) + weight > tpm
-            assert copy.deepcopy(rate).wait(now + wait, tokens) == 0  # (the window expires)
+            # It fits once `wait` has passed (give or take the floats' rounding), not before.
+            # (Probed on copies: a window forgets what it expires.)
+            assert copy.deepcopy(rate).wait(now + wait + 1e-9, tokens) == 0
+            if wait > 1e-3:
+                assert copy.deepcopy(rate).wait(now + wait - 1e-3, tokens) > 0
             continue
         recent = [(at, used) for at, used in sent if at > now - 60]
         assert len(recent) < rpm and sum(used for _, used in recent) + min(tokens, tpm) <= tpm
