@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -38,12 +39,12 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import proxy_bench as pb  # noqa: E402
+import proxy_bench as pb
 
 
 def raise_fd_limit(want: int) -> tuple[int, int]:
     """Soft and hard RLIMIT_NOFILE to `want` if allowed (root), else soft up to hard."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
     except (OSError, ValueError):
@@ -155,11 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fds.append(fd_count(lb.pid))
             if time.monotonic() - last_poll >= 1.0:
                 last_poll = time.monotonic()
-                try:
+                with contextlib.suppress(OSError, KeyError, ValueError):
                     open_at_nodes.append(sum(
                         pb.http_get_json(m.port, "/mock/stats")["concurrent"] for m in mocks))
-                except (OSError, KeyError, ValueError):
-                    pass
             time.sleep(0.25)
         elapsed = time.monotonic() - t0
         cpu = pb.cpu_seconds(lb.pid) - cpu_before

@@ -268,7 +268,8 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Conn, event: h11.Response) -> None:
         self.status: int = event.status_code
-        self.headers: Headers = list(event.headers)
+        # As lb.http.server's _header_list: raw_items() is much cheaper than iterating.
+        self.headers: Headers = [(name.lower(), value) for name, value in event.headers.raw_items()]
         self.reason: bytes = event.reason
         self.http_version: bytes = event.http_version
         self._conn: _Conn | None = conn
