@@ -838,7 +838,8 @@ class _Run:
             self.trace.status = status
             outcome, reason = await self._pump(up, scope)
             return outcome, reason, None
-        scope.deadline = plan.deadline
+        if scope.deadline != plan.deadline:  # mostly done by sent() already; a set costs
+            scope.deadline = plan.deadline
         body = await up.read(MAX_UPSTREAM_BODY)
         if 200 <= status < 300 and _JSON_START.match(body) is None:
             return Outcome.FAILURE, f"HTTP {status} with a body that is not JSON", None
@@ -936,7 +937,8 @@ class _Run:
             translator = dialect.translator(plan.kind, plan.model, plan.fields)
             outcome, reason = await self._pump_translated(translator, up, scope)
             return outcome, reason, None
-        scope.deadline = plan.deadline
+        if scope.deadline != plan.deadline:  # as in _handle
+            scope.deadline = plan.deadline
         body = await up.read(MAX_UPSTREAM_BODY)
         try:
             body = dialect.decode(plan.kind, status, body, plan.model)
