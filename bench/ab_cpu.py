@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} :{lb.port} pid {lb.pid}" for name, lb in lbs.items()))
         for lb in lbs.values():
             for mode in args.modes:
-                pb.run_hey(lb.port, mode, args.concurrency, 2000)  # warm-up
+                warm_up = min(2000, max(args.requests, 100))  # long streams: fewer
+                pb.run_hey(lb.port, mode, args.concurrency, warm_up)
         names = list(lbs)
         for rep in range(args.reps if args.requests else 0):
             order = names if rep % 2 == 0 else names[::-1]
