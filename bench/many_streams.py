@@ -8,7 +8,7 @@ the end of the chunked body, checking the event count. Meanwhile lb's RSS, its o
 descriptors and its CPU are sampled every 0.25 s, and the mocks' open streams every second
 (their sum is how many streams were open through lb at once).
 
-    python bench/many_streams.py                       # 10,000 streams, about 1.5 minutes
+    python bench/many_streams.py                       # 10,000 streams, about 5 minutes
     python bench/many_streams.py --streams 1000 --tokens 5 --itl-ms 500   # a smoke run
     python bench/many_streams.py --json bench/results/x.json
 
@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--mocks", type=int, default=4, help="mock node processes")
-    parser.add_argument("--tokens", type=int, default=20, help="tokens per stream")
-    parser.add_argument("--itl-ms", type=float, default=2000, help="gap between tokens")
-    parser.add_argument("--ramp-secs", type=float, default=15, help="streams start over this")
+    parser.add_argument("--tokens", type=int, default=25, help="tokens per stream")
+    parser.add_argument("--itl-ms", type=float, default=5000, help="gap between tokens")
+    parser.add_argument("--ramp-secs", type=float, default=60, help="streams start over this")
     parser.add_argument("--grace-secs", type=float, default=60,
                         help="a stream may take this much longer than tokens x itl")
     parser.add_argument("--fd-limit", type=int, default=65536)
