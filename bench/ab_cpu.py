@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="lb bench runs per tree and mode")
     parser.add_argument("--requests", type=int, default=20_000, help="requests per lb bench run")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=8,
+                        help="tokens per answer of the mock (a stream has tokens + 3 events)")
+    parser.add_argument("--itl-ms", type=float, default=0,
+                        help="the mock's gap between tokens (0: a stream is one write)")
     parser.add_argument("--modes", nargs="+", default=list(pb.MODES), choices=pb.MODES)
     parser.add_argument("--profile", type=int, default=0, metavar="SECS",
                         help="then py-spy each lb for SECS under non-stream load")
@@ -124,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = next(iter(trees.values()))
         with environ({"PYTHONPATH": str(first)}):
-            mock = cluster.mock(8, 0, 0)
+            mock = cluster.mock(args.tokens, 0, args.itl_ms)
         lbs = {name: start_lb(cluster, mock, path, envs[name]) for name, path in trees.items()}
         pb.log(f"mock :{mock.port}; " + ", ".join(
             f"{name} :{lb.port} pid {lb.pid}" for name, lb in lbs.items()))
         for lb in lbs.values():
             for mode in args.modes:
-                pb.run_load(lb.port, mode, args.concurrency, 2000)  # warm-up
+                warm_up = min(2000, max(args.requests, 100))  # long streams: fewer
+                pb.run_load(lb.port, mode, args.concurrency, warm_up)
         names = list(lbs)
         for rep in range(args.reps if args.requests else 0):
             order = names if rep % 2 == 0 else names[::-1]
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                    "cpu_ms": pb.spread(values), "rps": pb.spread(rps), "errors": errors,
                    "all_cpu_ms": values}
             summary.append(row)
+            if mode == "stream" and args.tokens != 8:
+                events = args.tokens + 3  # role, tokens, finish, [DONE]
+                print(f"{mode:10} {name:8} CPU us/event median "
+                      f"{1000 * statistics.median(values) / events:.2f} ({events} events)")
             print(f"{mode:10} {name:8} CPU ms/req median {statistics.median(values):.3f} "
                   f"[{min(values):.3f}, {max(values):.3f}]  req/s {pb.spread(rps)['median']:.0f}"
                   f"  errors {errors}  all: {' '.join(f'{v:.3f}' for v in values)}")

@@ -272,6 +272,25 @@ async def test_keep_alive_reuses_one_connection() -> None:
                 pool.request("GET", "/", [])
 
 
+async def test_request_in_a_cancelled_scope_is_never_sent() -> None:
+    """The plain-TCP send writes straight to the socket, after a check for a cancel: a request
+    whose scope was cancelled before it went out never reaches the node."""
+    with trio.fail_after(5):
+        async with serve(h11_handler(echo_json)) as server:
+            pool = ConnectionPool(server.url())
+            async with pool.request("POST", "/first", [], b"{}") as resp:
+                await resp.read()
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                async with pool.request("POST", "/second", [], b"{}") as resp:
+                    await resp.read()
+            assert scope.cancelled_caught
+            async with pool.request("POST", "/third", [], b"{}") as resp:
+                await resp.read()
+            assert [request.target for request, _ in server.requests] == [b"/first", b"/third"]
+            await pool.aclose()
+
+
 async def test_stale_idle_connection_is_detected_before_reuse() -> None:
     closed = trio.Event()
 

@@ -499,7 +499,7 @@ class HTTPServer:
 
     async def _read_body(self, conn: _Connection, head: h11.Request) -> Request:
         max_body = self.limits.max_body_bytes
-        headers = list(head.headers)
+        headers = _header_list(head)
         length = _check_head(head, headers, self.limits.max_header_bytes)
         if length is not None and length > max_body:
             raise PayloadTooLarge(_too_large(max_body))
@@ -760,6 +760,13 @@ def _http_date() -> bytes:
     if _date_cache[0] != now:
         _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
     return _date_cache[1]
+
+
+def _header_list(head: h11.Request) -> Headers:
+    """The request's headers as a plain list of (lower-case name, value): built from
+    `raw_items()`, since iterating h11's `Headers` itself goes item by item through
+    `Sequence.__iter__` (a method call per header and an IndexError at the end)."""
+    return [(name.lower(), value) for name, value in head.headers.raw_items()]
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:

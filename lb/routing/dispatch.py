@@ -896,7 +896,8 @@ class _Run:
             self.trace.status = status
             outcome, reason = await self._pump(up, scope)
             return outcome, reason, None
-        scope.deadline = self.attempt_end
+        if scope.deadline != self.attempt_end:  # mostly done by sent() already; a set costs
+            scope.deadline = self.attempt_end
         body = await up.read(MAX_UPSTREAM_BODY)
         if 200 <= status < 300 and _JSON_START.match(body) is None:
             return Outcome.FAILURE, f"HTTP {status} with a body that is not JSON", None
@@ -993,7 +994,8 @@ class _Run:
             translator = dialect.translator(plan.kind, plan.model, plan.fields)
             outcome, reason = await self._pump_translated(translator, up, scope)
             return outcome, reason, None
-        scope.deadline = self.attempt_end
+        if scope.deadline != self.attempt_end:  # as in _handle
+            scope.deadline = self.attempt_end
         body = await up.read(MAX_UPSTREAM_BODY)
         try:
             body = dialect.decode(plan.kind, status, body, plan.model)

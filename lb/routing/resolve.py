@@ -147,9 +147,9 @@ def resolve_model(
     if it is spelled like a sentinel, so a real model named "default" stays reachable.
     Ties are broken by id, so the answer never depends on the mapping's iteration order.
     """
-    live = {model: count for model, count in available.items() if count > 0}
-    if requested in live:
+    if available.get(requested, 0) > 0:  # the usual case, before building anything
         return requested
+    live = {model: count for model, count in available.items() if count > 0}
 
     folded = requested.casefold()
     if folded not in {s.casefold() for s in sentinels}:

@@ -73,6 +73,7 @@ completed), ``UpstreamProtocolError`` (unparseable response), ``BodyTooLarge``
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import ssl
@@ -164,7 +165,9 @@ class _Retry(Exception):
 class _Conn:
     """One socket to the node with its h11 state."""
 
-    __slots__ = ("eof", "got_bytes", "h11", "idle_since", "pool", "reused", "sock", "stream")
+    __slots__ = (
+        "eof", "fd", "got_bytes", "h11", "idle_since", "pool", "reused", "sock", "stream",
+    )
 
     def __init__(
         self, pool: ConnectionPool, stream: trio.abc.Stream, sock: trio.socket.SocketType
@@ -172,6 +175,9 @@ class _Conn:
         self.pool = pool
         self.stream = stream
         self.sock = sock  # the TCP socket (under the SSLStream for https)
+        # Plain TCP: the descriptor, read and written directly (see `receive` and `send`);
+        # None under TLS, where the SSLStream does the I/O.
+        self.fd: int | None = sock.fileno() if stream.__class__ is trio.SocketStream else None
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.reused = False
@@ -208,8 +214,21 @@ class _Conn:
             await self.receive()
 
     async def receive(self) -> None:
+        fd = self.fd
         try:
-            data = await self.stream.receive_some(_READ_SIZE)
+            if fd is None:
+                data = await self.stream.receive_some(_READ_SIZE)
+            else:
+                # Wait for readability first, then read: the node's answer is seldom already
+                # here, so trying a read first (as SocketStream does) mostly fails with EAGAIN,
+                # and its context managers cost more than the wait (which is the checkpoint).
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        data = os.read(fd, _READ_SIZE)
+                        break
+                    except BlockingIOError:
+                        continue
         except _IO_ERRORS as exc:
             raise UpstreamClosed(f"connection to node lost: {exc!r}") from exc
         if data:
@@ -217,6 +236,22 @@ class _Conn:
         else:
             self.eof = True
         self.h11.receive_data(data)  # type: ignore[arg-type]  # bytearray works as well
+
+    async def send(self, data: bytes) -> None:
+        """Write the whole of `data`. Plain TCP: straight to the socket when it takes all of it
+        (the usual case for a request: one syscall, no trio context managers), after a check
+        for a cancel, so a cancelled request is never sent; the rest, if any, via send_all."""
+        fd = self.fd
+        if fd is None:
+            await self.stream.send_all(data)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            await self.stream.send_all(memoryview(data)[sent:])
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> UpstreamError:
         # h11 reports an EOF in the middle of a message as a protocol error.
@@ -233,7 +268,8 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Conn, event: h11.Response) -> None:
         self.status: int = event.status_code
-        self.headers: Headers = list(event.headers)
+        # As lb.http.server's _header_list: raw_items() is much cheaper than iterating.
+        self.headers: Headers = [(name.lower(), value) for name, value in event.headers.raw_items()]
         self.reason: bytes = event.reason
         self.http_version: bytes = event.http_version
         self._conn: _Conn | None = conn
@@ -269,16 +305,19 @@ class UpstreamResponse:
                 event = h.next_event()
             except h11.RemoteProtocolError as exc:
                 raise conn._protocol_error(exc) from exc
-            if isinstance(event, h11.Data):
-                parts.append(bytes(event.data))
+            # h11's events are ABCs, so isinstance goes through ABCMeta: this runs per stream
+            # event, and exact type checks are much cheaper (h11 never subclasses its events).
+            kind = type(event)
+            if kind is h11.Data:
+                parts.append(bytes(event.data))  # type: ignore[union-attr]
             elif event is h11.NEED_DATA:
                 if parts:
                     break
                 await conn.receive()
-            elif isinstance(event, h11.EndOfMessage):
+            elif kind is h11.EndOfMessage:
                 self._done = True
                 break
-            elif isinstance(event, h11.ConnectionClosed):
+            elif kind is h11.ConnectionClosed:
                 raise UpstreamClosed("node closed the connection before the response completed")
             else:
                 raise UpstreamProtocolError(f"unexpected event from node: {event!r}")
@@ -439,7 +478,7 @@ class _RequestContext:
         if len(body) > _COALESCE_LIMIT:
             return await self._send_large(conn, head, body)
         try:
-            await conn.stream.send_all(head + body if body else head)
+            await conn.send(head + body if body else head)
         except _IO_ERRORS as exc:
             return await _send_failed(conn, exc)
         if self._on_sent is not None:
@@ -468,7 +507,7 @@ class _RequestContext:
         send, ``on_sent()``, wait for the head.
         """
         try:
-            await conn.stream.send_all(head)
+            await conn.send(head)
         except _IO_ERRORS as exc:
             return await _send_failed(conn, exc)
         event: h11.Response | None = None
@@ -492,7 +531,7 @@ class _RequestContext:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_head)
             try:
-                await conn.stream.send_all(body)
+                await conn.send(body)
             except _IO_ERRORS as exc:
                 send_error = exc
                 nursery.cancel_scope.cancel()
