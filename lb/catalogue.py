@@ -23,7 +23,16 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from lb.config import ConfigError, NodeConfig, _bool, _int, _seconds, _strategy, node_url
+from lb.config import (
+    ConfigError,
+    NodeConfig,
+    _bool,
+    _int,
+    _ratio,
+    _seconds,
+    _strategy,
+    node_url,
+)
 from lb.routing.resolve import ModelKind, is_embedding_model
 
 __all__ = [
@@ -379,18 +388,6 @@ def _positive(parse: Callable[[Any], float]) -> Callable[[Any], float]:
     return check
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError("must be a finite number >= 0")
-    return number
-
-
 def parse_catalogue(
     yaml_doc: Mapping[str, Any], env: Mapping[str, str], *,
     own_keys: Collection[str] | None = None,
@@ -570,8 +567,8 @@ def _deployment(reader: _Reader, path: str, raw: Any) -> Deployment | None:
         return None
 
     costs = {
-        key: get(key, _number, info, f"{path}.model_info")
-        if info.get(key) is not None else get(key, _number)
+        key: get(key, _ratio, info, f"{path}.model_info")
+        if info.get(key) is not None else get(key, _ratio)
         for key in ("input_cost_per_token", "output_cost_per_token")
     }
     labels: dict[str, str] = {"provider": spec.provider}
@@ -598,7 +595,7 @@ def _deployment(reader: _Reader, path: str, raw: Any) -> Deployment | None:
         tpm=tpm if tpm is not None else get("tpm", _int(0), entry, path),
         timeout=get("timeout", _positive(_seconds)),
         stream_timeout=get("stream_timeout", _positive(_seconds)),
-        weight=get("weight", _positive(_number)) or 1.0,
+        weight=get("weight", _positive(_ratio)) or 1.0,
         order=get("order", _int(1)),
         maxconn=get("max_parallel_requests", _int(1)),
         mode=mode,

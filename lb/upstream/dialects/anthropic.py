@@ -37,7 +37,7 @@ from lb.http.errors import error_type
 from lb.http.sse import DONE
 from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
-from lb.upstream.dialects.base import StreamFailed, StreamIncomplete
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete, starts_stream
 
 __all__ = [
     "ANTHROPIC",
@@ -141,12 +141,7 @@ class AnthropicDialect:
         return headers
 
     def is_stream(self, status: int, headers: Headers) -> bool:
-        if status != 200:
-            return False
-        for key, value in headers:
-            if key == b"content-type":
-                return value.startswith(b"text/event-stream")
-        return False
+        return starts_stream(status, headers, b"text/event-stream")
 
     def decode(self, kind: ModelKind, status: int, body: bytes, model: str) -> bytes:
         """A 2xx Anthropic message -> OpenAI `chat.completion` (ValueError if it is not one:

@@ -16,6 +16,16 @@ from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
 
 
+def starts_stream(status: int, headers: Headers, content_type: bytes) -> bool:
+    """Whether an answer head starts a stream of `content_type` (a 200 of that type)."""
+    if status != 200:
+        return False
+    for key, value in headers:
+        if key == b"content-type":
+            return value.startswith(content_type)
+    return False
+
+
 class StreamIncomplete(Exception):
     """The node's stream ended without its end marker (it died mid-answer)."""
 

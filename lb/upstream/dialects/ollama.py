@@ -38,7 +38,7 @@ from lb.http.errors import error_payload
 from lb.http.sse import DONE
 from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
-from lb.upstream.dialects.base import StreamFailed, StreamIncomplete
+from lb.upstream.dialects.base import StreamFailed, StreamIncomplete, starts_stream
 
 __all__ = ["PATHS", "OllamaDialect", "OllamaStreamTranslator"]
 
@@ -88,12 +88,7 @@ class OllamaDialect:
         return [(b"authorization", b"Bearer " + api_key.encode())]
 
     def is_stream(self, status: int, headers: Headers) -> bool:
-        if status != 200:
-            return False
-        for key, value in headers:
-            if key == b"content-type":
-                return value.startswith(b"application/x-ndjson")
-        return False
+        return starts_stream(status, headers, b"application/x-ndjson")
 
     def decode(self, kind: ModelKind, status: int, body: bytes, model: str) -> bytes:
         """Raises ValueError for a 2xx body that is not an Ollama answer of this kind."""

@@ -12,7 +12,7 @@ import orjson
 
 from lb.http.types import Headers
 from lb.routing.resolve import ModelKind
-from lb.upstream.dialects.base import StreamTranslator
+from lb.upstream.dialects.base import StreamTranslator, starts_stream
 
 PATHS: dict[ModelKind, str] = {
     "chat": "/v1/chat/completions",
@@ -35,12 +35,7 @@ class OpenAIDialect:
         return [(b"authorization", b"Bearer " + api_key.encode())]
 
     def is_stream(self, status: int, headers: Headers) -> bool:
-        if status != 200:
-            return False
-        for key, value in headers:
-            if key == b"content-type":
-                return value.startswith(b"text/event-stream")
-        return False
+        return starts_stream(status, headers, b"text/event-stream")
 
     def decode(self, kind: ModelKind, status: int, body: bytes, model: str) -> bytes:
         return body
