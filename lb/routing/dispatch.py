@@ -594,16 +594,23 @@ class _Run:
             if rate is not None and rate.wait(now, self._prompt_tokens()) > 0:
                 continue
             token = object()
-            try:
-                node.limiter.acquire_on_behalf_of_nowait(token)
-            except trio.WouldBlock:
-                continue
-            if node.breaker.acquire(now):
-                if rate is not None:
-                    rate.take(now, self.plan.request_id, self._prompt_tokens())
+            if self._take_slot(node, now, token):
                 return node, token
-            node.limiter.release_on_behalf_of(token)
         return None
+
+    def _take_slot(self, node: Node, now: float, token: object) -> bool:
+        """A capacity slot on `node` for `token` and its breaker's leave, its rpm/tpm window
+        charged; False, holding nothing, when either refuses."""
+        try:
+            node.limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            return False
+        if not node.breaker.acquire(now):
+            node.limiter.release_on_behalf_of(token)
+            return False
+        if node.rate is not None:
+            node.rate.take(now, self.plan.request_id, self._prompt_tokens())
+        return True
 
     def watch(self, intent: RouteRequest) -> None:
         """Keep a transcript of the stream, if another node could continue it."""
@@ -721,17 +728,10 @@ class _Run:
                         wake = min(wake, wait)
                         continue
                 any_open = True
-                try:
-                    node.limiter.acquire_on_behalf_of_nowait(token)
-                except trio.WouldBlock:
-                    continue
-                if node.breaker.acquire(now):
-                    if rate is not None:
-                        rate.take(now, self.plan.request_id, self._prompt_tokens())
+                if self._take_slot(node, now, token):
                     if now > queued_at:
                         self._queued(now - queued_at)
                     return node, token
-                node.limiter.release_on_behalf_of(token)
             if not any_open and now + wake > queue_deadline:
                 self._give_up()
             waits_for = [node.key for node in ordered]  # counted: a fleet grows our share
