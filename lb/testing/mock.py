@@ -913,16 +913,27 @@ def _stream(
             "param": None, "code": "mock_fault",
         }})]
 
+    # Frames that wait `itl` first: every token after the first.
+    gap_from, gap_to = first_token + 1, first_token + n
+    write = frames_writer(frames, knobs, lambda i, _: gap_from <= i < gap_to, on_done)
+    return Response(200, list(SSE_HEADERS), stream=write)
+
+
+def frames_writer(
+    frames: list[bytes], knobs: _Knobs, waits: Callable[[int, bytes], bool],
+    on_done: Callable[[], None] | None, cut: bool = False,
+) -> StreamBody:
+    """A streamed answer of `frames` in any dialect: TTFT before the first, ITL before each
+    frame `waits(index, frame)` picks (all at once without an ITL), cut by `drop-after=N`
+    and dropped after `drop-after-done`. `on_done` runs for an answer sent whole (`cut`: it
+    was not, an error fault ended it)."""
     drop: str | None = None  # why the connection is dropped after the frames, if it is
-    cut = knobs.drop_after is not None and knobs.drop_after < len(frames)
-    if knobs.drop_after is not None and cut:
-        frames = frames[: knobs.drop_after]
+    if knobs.drop_after is not None and knobs.drop_after < len(frames):
+        frames, cut = frames[: knobs.drop_after], True
         drop = f"drop-after={knobs.drop_after}"
     elif knobs.drop_after_done:
         drop = "drop-after-done=1"
     ttft, itl = knobs.ttft, knobs.itl
-    # Frames that wait `itl` first: every token after the first.
-    gap_from, gap_to = first_token + 1, first_token + n
 
     async def write(sink: ResponseSink) -> None:
         send = sink.send
@@ -932,7 +943,7 @@ def _stream(
             await send(b"".join(frames))  # one write: far fewer syscalls under load
         else:
             for i, frame in enumerate(frames):
-                if gap_from <= i < gap_to:
+                if waits(i, frame):
                     await trio.sleep(itl)
                 await send(frame)
         if on_done is not None and not cut:
@@ -940,4 +951,4 @@ def _stream(
         if drop is not None:
             raise DropConnection(f"mock fault: {drop}")
 
-    return Response(200, list(SSE_HEADERS), stream=write)
+    return write

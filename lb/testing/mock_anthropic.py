@@ -33,23 +33,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-import trio
 
 from lb.errors import BadRequest, LBError, NotFound, Unauthorized
 from lb.http.routes import Router
 from lb.http.sse import SSE_HEADERS
-from lb.http.types import Request, Response, ResponseSink
+from lb.http.types import Request, Response
 from lb.testing.mock import (
     _GENERATE,
     _OTHER,
     _PROBE,
-    DropConnection,
     MockNode,
     _generate_delay,
     _json_body,
     _Knobs,
     _message_words,
     _token_text,
+    frames_writer,
 )
 from lb.testing.tools import example
 from lb.upstream.dialects.anthropic import ERROR_STATUS, error_type_for_status
@@ -455,30 +454,10 @@ def _stream(
     if knobs.error_after is not None and errored:
         frames = [*frames[: knobs.error_after],
             error_event("overloaded_error", "Overloaded (mock fault: error-after)")]
-    drop: str | None = None
-    cut = knobs.drop_after is not None and knobs.drop_after < len(frames)
-    if knobs.drop_after is not None and cut:
-        frames = frames[: knobs.drop_after]
-        drop = f"drop-after={knobs.drop_after}"
-    elif knobs.drop_after_done:
-        drop = "drop-after-done=1"
-    ttft, itl = knobs.ttft, knobs.itl
-
-    async def write(sink: ResponseSink) -> None:
-        if ttft > 0:
-            await trio.sleep(ttft)
-        if itl <= 0:
-            await sink.send(b"".join(frames))
-        else:
-            for i, frame in enumerate(frames):
-                if i and frame.startswith(b"event: content_block_delta"):
-                    await trio.sleep(itl)
-                await sink.send(frame)
-        if on_done is not None and not cut and not errored:
-            on_done()
-        if drop is not None:
-            raise DropConnection(f"mock fault: {drop}")
-
+    write = frames_writer(
+        frames, knobs, lambda i, frame: i > 0 and frame.startswith(b"event: content_block_delta"),
+        on_done, cut=errored,
+    )
     return Response(200, list(SSE_HEADERS), stream=write)
 
 

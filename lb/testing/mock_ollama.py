@@ -40,12 +40,11 @@ import trio
 
 from lb.errors import BadRequest, LBError, NotFound
 from lb.http.routes import Router
-from lb.http.types import Request, Response, ResponseSink
+from lb.http.types import Request, Response
 from lb.testing.embeddings import embed, words
 from lb.testing.mock import (
     _GENERATE,
     MAX_EMBEDDING_DIM,
-    DropConnection,
     _answer_text,
     _chat_prompt_bytes,
     _generate_delay,
@@ -53,6 +52,7 @@ from lb.testing.mock import (
     _json_body,
     _Knobs,
     _token_text,
+    frames_writer,
 )
 from lb.testing.tools import example
 
@@ -318,27 +318,5 @@ def _ndjson(
         lines = [*lines[:error_after],
                  orjson.dumps({"error": f"mock stream error after {error_after} lines"}) + b"\n"]
         cut = True
-    drop: str | None = None
-    if knobs.drop_after is not None and knobs.drop_after < len(lines):
-        lines = lines[:knobs.drop_after]
-        drop, cut = f"drop-after={knobs.drop_after}", True
-    elif knobs.drop_after_done:
-        drop = "drop-after-done=1"
-    ttft, itl = knobs.ttft, knobs.itl
-
-    async def write(sink: ResponseSink) -> None:
-        if ttft > 0:
-            await trio.sleep(ttft)
-        if itl <= 0:
-            await sink.send(b"".join(lines))
-        else:
-            for i, data in enumerate(lines):
-                if i:
-                    await trio.sleep(itl)
-                await sink.send(data)
-        if on_done is not None and not cut:
-            on_done()
-        if drop is not None:
-            raise DropConnection(f"mock fault: {drop}")
-
+    write = frames_writer(lines, knobs, lambda i, _: i > 0, on_done, cut=cut)
     return Response(200, list(NDJSON_HEADERS), stream=write)
