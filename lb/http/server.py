@@ -46,6 +46,7 @@ from lb.errors import BadRequest, InternalError, LBError, PayloadTooLarge, Reque
 from lb.http import encoding
 from lb.http.cors import CorsPolicy
 from lb.http.errors import error_body, error_headers
+from lb.http.headers import sendable
 from lb.http.types import ClientGone, Handler, Headers, Request, Response
 from lb.obs.logs import REQUEST_ID
 
@@ -672,7 +673,7 @@ class _Sink:
         self._head_only = head_only  # HEAD: the head of a GET, and no body (h11 sends none)
         self._status = 200
         self._headers: Headers = []
-        self._tags: Headers = []
+        self._tags: dict[bytes, bytes] = {}  # lb's own headers, by name (the last one wins)
         self.committed = False
 
     def head(self, status: int, headers: Headers) -> None:
@@ -682,12 +683,7 @@ class _Sink:
         self._headers = headers
 
     def tag(self, name: bytes, value: bytes) -> None:
-        tags = self._tags
-        for index, (key, _) in enumerate(tags):
-            if key == name:
-                tags[index] = (name, value)
-                return
-        tags.append((name, value))
+        self._tags[name] = value
 
     async def send(self, data: bytes) -> None:
         parser = self._conn.h11
@@ -726,19 +722,21 @@ class _Sink:
         """The recorded head without the headers lb sets itself, then lb's (and a Date, if the
         answer has none); while draining, the connection closes after this answer."""
         tags = self._tags
-        names = [key for key, _ in tags]
         has_date = False
         headers = []
         for item in self._headers:
-            if item[0] not in names:
+            if item[0] not in tags:
                 headers.append(item)
                 has_date = has_date or item[0] == b"date"
-        headers += tags
+        headers += tags.items()
         if not has_date:
             headers.append((b"date", _http_date()))
         if self._server.draining:
             headers.append((b"connection", b"close"))
-        return h11.Response(status_code=self._status, headers=headers, reason=_reason(self._status))
+        return h11.Response(
+            status_code=self._status, headers=headers, reason=_reason(self._status),
+            _parsed=sendable(headers),  # else h11 checks each, and says what is wrong
+        )
 
 
 def _reason(status: int) -> bytes:

@@ -86,6 +86,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from lb.http.headers import sendable
 from lb.http.types import Headers
 
 __all__ = [
@@ -465,10 +466,16 @@ class _RequestContext:
         headers.extend(kv for kv in self._headers if kv[0] not in _DROPPED_REQUEST_HEADERS)
         if body or method in _BODY_METHODS:
             headers.append((b"content-length", str(len(body)).encode()))
+        target = self._pool._prefix + self._path
         try:
-            head = h.send(
-                h11.Request(method=method, target=self._pool._prefix + self._path, headers=headers)
-            )
+            if sendable(headers):  # h11 need not check each header again
+                request = h11.Request(
+                    method=method.encode("ascii"), target=target.encode("ascii"),
+                    headers=headers, _parsed=True,
+                )
+            else:  # h11 says what is wrong
+                request = h11.Request(method=method, target=target, headers=headers)
+            head = h.send(request)
             if body:
                 # passthrough: h11 tracks the length without copying the body
                 h.send_with_data_passthrough(h11.Data(data=body))
