@@ -115,8 +115,19 @@ class KeyCounters:
 
     def admit(self, now: float, estimate: int) -> Ticket | Refusal:
         """Admit a request of `estimate` prompt tokens, or say which limit refuses it."""
+        requests, tokens, bucket, parallel = (
+            self.requests, self.tokens, self.bucket, self.limits.parallel
+        )
+        if (  # the common case, tested without building the refusal's figures
+            (requests is None or requests.fits(now, 1))
+            and (tokens is None or tokens.fits(now, estimate))
+            and (bucket is None or bucket.fits(now))
+            and (parallel is None or self.inflight < parallel)
+        ):
+            return self.take(now, estimate)
         refusal = self.check(now, estimate)
-        return refusal if refusal is not None else self.take(now, estimate)
+        assert refusal is not None
+        return refusal
 
     def check(self, now: float, estimate: int) -> Refusal | None:
         """Which limit would refuse the request (None: it fits); changes nothing."""

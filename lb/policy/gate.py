@@ -232,7 +232,8 @@ class Gate(Observer):
         if counters is None:
             counters = self._counters[record.token] = KeyCounters()
         now = trio.current_time()
-        counters.configure(limits, now)
+        if counters.limits is not limits:
+            counters.configure(limits, now)
         return self._admitted(record, counters.admit(now, estimate), limits, fleet=False)
 
     def _admitted(
@@ -281,8 +282,9 @@ class Gate(Observer):
 
     def finished(self, trace: Trace) -> None:
         admission = trace.admission
-        if admission is not None:
-            admission.settle(trace)
+        if admission is not None and not admission.done:  # Admission.settle, one call less
+            admission.done = True
+            self.settle(admission, trace)
 
     def settle(self, admission: Admission, trace: Trace | None) -> None:
         record, ticket = admission.record, admission.ticket
