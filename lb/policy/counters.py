@@ -103,7 +103,10 @@ class KeyCounters:
 
     def configure(self, limits: Limits, now: float) -> None:
         """Follow a key's changed limits; what was already admitted stays counted."""
-        if limits is self.limits or limits == self.limits:
+        if limits is self.limits:
+            return
+        if limits == self.limits:  # the same limits, a reloaded key: remember this object
+            self.limits = limits
             return
         self.requests = _window(self.requests, limits.rpm)
         self.tokens = _window(self.tokens, limits.tpm)
