@@ -5,19 +5,24 @@ nothing), with keys on or off; Redis killed: each instance its share."""
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
+import pytest
 import redis
 import trio
 from harness import CHAT, Running, start_mock
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_fleet import RedisServer, fleet_pair, redis_server  # noqa: F401
 from test_policy_fleet import generate
 
-from lb.policy.counters import Limits
-from lb.policy.fleet import _ADMIT
+from lb.policy.counters import Figures, KeyCounters, Limits, Ticket
+from lb.policy.fleet import _ADMIT, FleetLimits
 
 MASTER = "sk-fleet-master"
 MODEL = "llama-3.1-8b"
@@ -196,3 +201,86 @@ async def test_redis_killed_the_scopes_fall_back_to_a_share_per_instance(
         status = await health(a)
         assert status["limits"] == "local" or status["redis"] == "down"
 
+
+
+# --- the script's decision, against the pure reference (counters.KeyCounters) ---------------
+
+limits_of_a_group = st.builds(
+    Limits,
+    rpm=st.none() | st.integers(1, 6),
+    tpm=st.none() | st.integers(1, 200),
+    burst=st.none() | st.integers(1, 4),
+    parallel=st.none() | st.integers(1, 3),
+)
+operations = st.lists(
+    st.one_of(
+        # admit a request of `estimate` tokens that must fit these groups (in this order)
+        st.tuples(st.just("admit"), st.lists(st.integers(0, 2), min_size=1, max_size=3,
+                                             unique=True), st.integers(1, 80)),
+        # one of the requests held ends, with these real tokens (None: unknown)
+        st.tuples(st.just("settle"), st.integers(0, 1000), st.none() | st.integers(0, 150)),
+    ),
+    max_size=30,
+)
+
+
+@pytest.fixture(scope="module")
+def shared_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(limits_of_a_group, min_size=3, max_size=3), operations)
+async def test_one_call_decides_as_the_counters_do_all_or_nothing(
+    shared_redis: RedisServer, groups: list[Limits],
+    steps: list[tuple[str, Any, Any]],
+) -> None:
+    """Within a minute (no window expires; the buckets refill by less than one request):
+    the script admits exactly when every group's counters would, refuses naming the first
+    group that would not, takes nothing from any group then, and reports the same
+    remaining requests and tokens."""
+    fleet = FleetLimits(shared_redis.url, f"lbtest:{uuid.uuid4().hex[:8]}:", lambda: 1)
+    reference = [KeyCounters() for _ in groups]
+    for counters, limits in zip(reference, groups, strict=True):
+        counters.configure(limits, 0.0)
+    held: list[list[tuple[int, Ticket, Ticket]]] = []
+    try:
+        for step in steps:
+            if step[0] == "settle":
+                if not held:
+                    continue
+                for i, expected, got in held.pop(step[1] % len(held)):
+                    reference[i].settle(expected, step[2], 0.0)
+                    fleet.settle(fleet.scope_group(f"g{i}"), got, step[2])
+                await fleet.send_settled()
+                continue
+            _, chosen, estimate = step
+            refused = None
+            for position, i in enumerate(chosen):
+                refusal = reference[i].check(0.0, estimate)
+                if refusal is not None:
+                    refused = (position, refusal)
+                    break
+            result = await fleet.admit(
+                [(fleet.scope_group(f"g{i}"), groups[i]) for i in chosen], estimate
+            )
+            if refused is not None:
+                assert isinstance(result, tuple) and result[0] == refused[0]
+                assert remaining(result[1].figures) == remaining(refused[1].figures)
+                continue
+            assert isinstance(result, list)
+            tickets = [reference[i].take(0.0, estimate) for i in chosen]
+            for expected, got in zip(tickets, result, strict=True):
+                assert remaining(got.figures) == remaining(expected.figures)
+            held.append(list(zip(chosen, tickets, result, strict=True)))
+    finally:
+        fleet.close()
+
+
+def remaining(figures: Figures) -> tuple[int, int]:
+    return figures.remaining_requests, figures.remaining_tokens
