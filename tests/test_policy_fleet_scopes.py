@@ -15,6 +15,7 @@ import openai
 import pytest
 import redis
 import trio
+import trio.testing
 from harness import CHAT, Running, start_mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from test_fleet import RedisServer, fleet_pair, redis_server  # noqa: F401
 from test_policy_fleet import generate
 
 from lb.policy.counters import Figures, KeyCounters, Limits, Ticket
-from lb.policy.fleet import _ADMIT, FleetLimits
+from lb.policy.fleet import _ADMIT, FleetLimits, _Call
 
 MASTER = "sk-fleet-master"
 MODEL = "llama-3.1-8b"
@@ -284,3 +285,46 @@ async def test_one_call_decides_as_the_counters_do_all_or_nothing(
 
 def remaining(figures: Figures) -> tuple[int, int]:
     return figures.remaining_requests, figures.remaining_tokens
+
+
+async def test_concurrent_admissions_batched_exact_through_cancels_and_a_script_flush(
+    shared_redis: RedisServer,
+) -> None:
+    """80 admissions at once for a limit of 50, ten of them cancelled while they wait: every
+    other one is answered (none stranded behind a cancelled one), and the fleet counted
+    exactly 50 — after Redis lost its scripts (as after a restart)."""
+    prefix = f"lbtest:{uuid.uuid4().hex[:8]}:"
+    fleet = FleetLimits(shared_redis.url, prefix, lambda: 1)
+    client = redis.Redis.from_url(shared_redis.url)
+    try:
+        client.script_flush()
+        group = [(fleet.scope_group("*"), Limits(rpm=50))]
+        answers: list[object] = []
+
+        async def admit(scope: trio.CancelScope) -> None:
+            with scope:
+                answers.append(await fleet.admit(group, 1))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                scopes = [trio.CancelScope() for _ in range(80)]
+                for scope in scopes:
+                    nursery.start_soon(admit, scope)
+                # the first one's call is in flight, the others wait for the next batch
+                await trio.testing.wait_all_tasks_blocked()
+                for scope in scopes[40:50]:
+                    scope.cancel()
+        assert len(answers) == 70
+        assert sum(isinstance(a, list) for a in answers) <= 50
+        assert all(a is not None for a in answers)
+        assert client.zcard(f"{prefix}rls:*:req") == 50
+        # a batch of several finds the script gone: loaded again, each call sent once more
+        client.script_flush()
+        replies = await trio.to_thread.run_sync(fleet._pipeline, [
+            _Call([f"{prefix}rls:x:{n}" for n in ("req", "tok", "tokw", "tokt", "burst", "par")],
+                  [f"t:{i}", 1, 1000, 2, 0, 0, 0]) for i in range(3)
+        ])
+        assert [reply[0] for reply in replies] == [1, 1, 0]
+    finally:
+        client.close()
+        fleet.close()
