@@ -299,24 +299,25 @@ async def test_concurrent_admissions_batched_exact_through_cancels_and_a_script_
     try:
         client.script_flush()
         group = [(fleet.scope_group("*"), Limits(rpm=50))]
-        answers: list[object] = []
+        answers: dict[int, object] = {}
 
-        async def admit(scope: trio.CancelScope) -> None:
+        async def admit(i: int, scope: trio.CancelScope) -> None:
             with scope:
-                answers.append(await fleet.admit(group, 1))
+                answers[i] = await fleet.admit(group, 1)
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 scopes = [trio.CancelScope() for _ in range(80)]
-                for scope in scopes:
-                    nursery.start_soon(admit, scope)
+                for i, scope in enumerate(scopes):
+                    nursery.start_soon(admit, i, scope)
                 # the first one's call is in flight, the others wait for the next batch
                 await trio.testing.wait_all_tasks_blocked()
                 for scope in scopes[40:50]:
                     scope.cancel()
-        assert len(answers) == 70
-        assert sum(isinstance(a, list) for a in answers) <= 50
-        assert all(a is not None for a in answers)
+        # (a cancelled one may have been sending the batch: then it finishes, answered)
+        assert set(answers) >= set(range(40)) | set(range(50, 80))
+        assert sum(isinstance(a, list) for a in answers.values()) <= 50
+        assert all(a is not None for a in answers.values())
         assert client.zcard(f"{prefix}rls:*:req") == 50
         # a batch of several finds the script gone: loaded again, each call sent once more
         client.script_flush()
