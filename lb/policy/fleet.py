@@ -402,6 +402,8 @@ class FleetLimits:
         parallel slot there frees (sent in the next batch)."""
         if ticket.ref is None:
             return
+        if not ticket.parallel and (tokens is None or ticket.figures.limit_tokens is None):
+            return  # nothing held there: no slot, no tokens window (e.g. an rpm limit only)
         self._queue.append((group, ticket.ref, -1 if tokens is None else tokens,
                             ticket.parallel))
         ticket.parallel = False
