@@ -3,8 +3,11 @@
 `FleetLimits.admit` is one Lua script per admitted request: it makes the decision of
 `counters.KeyCounters` (sliding 60 s windows for requests and tokens, the burst bucket, parallel
 requests) on the fleet's shared state, atomically, on Redis's clock — so two instances can
-never together admit more than a key's limit, nor refuse what fits. Settling (the real tokens,
-the parallel slot) is batched: one script call for every request that ended meanwhile.
+never together admit more than a limit, nor refuse what fits. One call holds every group of
+limits a request must fit — its key's and the operator's (`LB_RATE_LIMITS`, per model and for
+all requests) — all or nothing: a refusal by one takes nothing from the others. Settling (the
+real tokens, the parallel slots) is batched: one script call for every request that ended
+meanwhile.
 
 When Redis cannot be reached the gate falls back to this instance's counters with the limits
 divided by the live instances (`Limits.share`), reports it in `/health`, and tries Redis again
@@ -23,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 import orjson
 import redis
 import trio
@@ -38,117 +42,140 @@ RETRY_SECS = 1.0  # after a failed call, requests use local limits this long bef
 PARALLEL_GRACE_SECS = 60.0  # a slot never released (its instance died) expires this long
 #                             after the request's deadline
 
-# KEYS: requests zset, token zset, token weights hash, token total, burst hash, parallel zset
-# ARGV: id, rpm, tpm, burst, parallel (0: no such limit), estimate, parallel ttl ms
-# -> {admitted, wait requests ms, wait tokens ms, wait parallel ms,
-#     requests left, requests reset ms, tokens left, tokens reset ms}
+# One admission against one or more groups of limits (a key's; the operator's per model and
+# for all requests), all or nothing: every group is checked, then each is counted only if all
+# fit — a refusal by any takes nothing from the others.
+# KEYS, 6 per group: requests zset, token zset, token weights hash, token total, burst hash,
+#   parallel zset
+# ARGV: id, estimate, parallel ttl ms, then per group: rpm, tpm, burst, parallel (0: no such
+#   limit)
+# -> refused: {0, the refusing group (the first, 1-based), wait requests ms, wait tokens ms,
+#              wait parallel ms, requests left, requests reset ms, tokens left, tokens reset ms}
+#    admitted: {1, 0, then per group: requests left, requests reset ms, tokens left,
+#               tokens reset ms}
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = ARGV[1]
-local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-local burst, par = tonumber(ARGV[4]), tonumber(ARGV[5])
-local est, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local id, est, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local horizon = now - 60000
-local wreq, wtok, wpar = 0, 0, 0
-local refuse = false
-local nreq, reset_req = 0, 0
-if rpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
-  nreq = redis.call('ZCARD', KEYS[1])
-  if nreq > 0 then
-    reset_req = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + 60000 - now
+local groups = {}
+for g = 1, #KEYS / 6 do
+  local k, a = (g - 1) * 6, 3 + (g - 1) * 4
+  local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local burst, par = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local wreq, wtok, wpar = 0, 0, 0
+  local refuse = false
+  local nreq, reset_req = 0, 0
+  if rpm > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', horizon)
+    nreq = redis.call('ZCARD', KEYS[k + 1])
+    if nreq > 0 then
+      reset_req = tonumber(redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')[2])
+        + 60000 - now
+    end
+    if nreq + 1 > rpm then
+      local at = redis.call('ZRANGE', KEYS[k + 1], nreq - rpm, nreq - rpm, 'WITHSCORES')
+      wreq = tonumber(at[2]) + 60000 - now
+      refuse = true
+    end
   end
-  if nreq + 1 > rpm then
-    local at = redis.call('ZRANGE', KEYS[1], nreq - rpm, nreq - rpm, 'WITHSCORES')
-    wreq = tonumber(at[2]) + 60000 - now
-    refuse = true
+  local level = burst
+  if burst > 0 and rpm > 0 then
+    local b = redis.call('HMGET', KEYS[k + 5], 'level', 'last')
+    if b[1] then
+      level = math.min(burst, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * rpm / 60000)
+    end
+    if level < 1 then
+      wreq = math.max(wreq, (1 - level) * 60000 / rpm)
+      refuse = true
+    end
   end
-end
-local level = burst
-if burst > 0 and rpm > 0 then
-  local b = redis.call('HMGET', KEYS[5], 'level', 'last')
-  if b[1] then
-    level = math.min(burst, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * rpm / 60000)
-  end
-  if level < 1 then
-    wreq = math.max(wreq, (1 - level) * 60000 / rpm)
-    refuse = true
-  end
-end
-local total, reset_tok = 0, 0
-if tpm > 0 then
-  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon)
-  for _, member in ipairs(old) do
-    total = total - tonumber(redis.call('HGET', KEYS[3], member) or '0')
-    redis.call('HDEL', KEYS[3], member)
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
-  if #old > 0 then redis.call('INCRBY', KEYS[4], total) end
-  total = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if redis.call('ZCARD', KEYS[2]) == 0 then
-    total = 0
-    redis.call('DEL', KEYS[4])
-  else
-    reset_tok = tonumber(redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2]) + 60000 - now
-  end
-  if total + est > tpm then
-    refuse = true
-    if est > tpm then
-      wtok = 60000
+  local total, reset_tok = 0, 0
+  if tpm > 0 then
+    local old = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', horizon)
+    for _, member in ipairs(old) do
+      total = total - tonumber(redis.call('HGET', KEYS[k + 3], member) or '0')
+      redis.call('HDEL', KEYS[k + 3], member)
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', horizon)
+    if #old > 0 then redis.call('INCRBY', KEYS[k + 4], total) end
+    total = tonumber(redis.call('GET', KEYS[k + 4]) or '0')
+    if redis.call('ZCARD', KEYS[k + 2]) == 0 then
+      total = 0
+      redis.call('DEL', KEYS[k + 4])
     else
-      local excess = total + est - tpm
-      local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-      wtok = 60000
-      for i = 1, #entries, 2 do
-        excess = excess - tonumber(redis.call('HGET', KEYS[3], entries[i]) or '0')
-        if excess <= 0 then
-          wtok = tonumber(entries[i + 1]) + 60000 - now
-          break
+      reset_tok = tonumber(redis.call('ZRANGE', KEYS[k + 2], 0, 0, 'WITHSCORES')[2])
+        + 60000 - now
+    end
+    if total + est > tpm then
+      refuse = true
+      if est > tpm then
+        wtok = 60000
+      else
+        local excess = total + est - tpm
+        local entries = redis.call('ZRANGE', KEYS[k + 2], 0, -1, 'WITHSCORES')
+        wtok = 60000
+        for i = 1, #entries, 2 do
+          excess = excess - tonumber(redis.call('HGET', KEYS[k + 3], entries[i]) or '0')
+          if excess <= 0 then
+            wtok = tonumber(entries[i + 1]) + 60000 - now
+            break
+          end
         end
       end
     end
   end
-end
-if par > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
-  if redis.call('ZCARD', KEYS[6]) >= par then
-    wpar = 1000
-    refuse = true
+  if par > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 6], '-inf', now)
+    if redis.call('ZCARD', KEYS[k + 6]) >= par then
+      wpar = 1000
+      refuse = true
+    end
   end
+  if refuse then
+    return {0, g, wreq, wtok, wpar, rpm - nreq, reset_req, tpm - total, reset_tok}
+  end
+  groups[g] = {rpm, tpm, burst, par, nreq, reset_req, level, total, reset_tok}
 end
-if refuse then
-  return {0, wreq, wtok, wpar, rpm - nreq, reset_req, tpm - total, reset_tok}
+local out = {1, 0}
+for g, s in ipairs(groups) do
+  local k = (g - 1) * 6
+  local rpm, tpm, burst, par, nreq, reset_req, level, total, reset_tok = unpack(s)
+  if rpm > 0 then
+    redis.call('ZADD', KEYS[k + 1], now, id)
+    redis.call('PEXPIRE', KEYS[k + 1], 61000)
+    nreq = nreq + 1
+    if reset_req == 0 then reset_req = 60000 end
+  end
+  if burst > 0 and rpm > 0 then
+    redis.call('HSET', KEYS[k + 5], 'level', tostring(level - 1), 'last', now)
+    redis.call('PEXPIRE', KEYS[k + 5], math.ceil(burst * 60000 / rpm) + 1000)
+  end
+  if tpm > 0 then
+    redis.call('ZADD', KEYS[k + 2], now, id)
+    redis.call('HSET', KEYS[k + 3], id, est)
+    redis.call('INCRBY', KEYS[k + 4], est)
+    for i = 2, 4 do redis.call('PEXPIRE', KEYS[k + i], 61000) end
+    total = total + est
+    if reset_tok == 0 then reset_tok = 60000 end
+  end
+  if par > 0 then
+    redis.call('ZADD', KEYS[k + 6], now + ttl, id)
+    redis.call('PEXPIRE', KEYS[k + 6], ttl)
+  end
+  out[#out + 1] = rpm - nreq
+  out[#out + 1] = reset_req
+  out[#out + 1] = tpm - total
+  out[#out + 1] = reset_tok
 end
-if rpm > 0 then
-  redis.call('ZADD', KEYS[1], now, id)
-  redis.call('PEXPIRE', KEYS[1], 61000)
-  nreq = nreq + 1
-  if reset_req == 0 then reset_req = 60000 end
-end
-if burst > 0 and rpm > 0 then
-  redis.call('HSET', KEYS[5], 'level', tostring(level - 1), 'last', now)
-  redis.call('PEXPIRE', KEYS[5], math.ceil(burst * 60000 / rpm) + 1000)
-end
-if tpm > 0 then
-  redis.call('ZADD', KEYS[2], now, id)
-  redis.call('HSET', KEYS[3], id, est)
-  redis.call('INCRBY', KEYS[4], est)
-  for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], 61000) end
-  total = total + est
-  if reset_tok == 0 then reset_tok = 60000 end
-end
-if par > 0 then
-  redis.call('ZADD', KEYS[6], now + ttl, id)
-  redis.call('PEXPIRE', KEYS[6], ttl)
-end
-return {1, 0, 0, 0, rpm - nreq, reset_req, tpm - total, reset_tok}
+return out
 """
 
-# ARGV: prefix, then groups of: token, id, real tokens (-1: unknown), held a parallel slot
+# ARGV: prefix, then groups of: a group's name (see `key_group`, `scope_group`), id, real
+#   tokens (-1: unknown), held a parallel slot
 _SETTLE = """
 for i = 2, #ARGV, 4 do
-  local base = ARGV[1] .. 'rl:' .. ARGV[i] .. ':'
+  local base = ARGV[1] .. ARGV[i]
   local id = ARGV[i + 1]
   local used = tonumber(ARGV[i + 2])
   if used >= 0 then
@@ -176,6 +203,18 @@ return 1
 """
 
 
+@attrs.define(slots=True, eq=False)
+class _Call:
+    """One admission's script call, waiting for its place in a pipeline."""
+
+    keys: list[str]
+    args: list[object]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: Any = None
+    error: BaseException | None = None
+    lead: bool = False  # woken to send the next batch (its own call included)
+
+
 class _Redis:
     """A blocking pool, run in worker threads with a limiter of its own."""
 
@@ -200,7 +239,7 @@ class _Redis:
 
 
 class FleetLimits:
-    """Per-key limits kept exactly in Redis for the whole fleet."""
+    """Limits kept exactly in Redis for the whole fleet: keys' and the operator's."""
 
     def __init__(
         self, url: str, prefix: str, instances: Callable[[], int], request_timeout: float = 600.0
@@ -215,6 +254,18 @@ class FleetLimits:
         self._retry_at = -1.0
         self._queue: list[tuple[str, str, int, bool]] = []
         self._wake = trio.Event()
+        self._calls: list[_Call] = []  # admissions waiting for the batch in flight
+        self._sending = False
+
+    @staticmethod
+    def key_group(token: str) -> str:
+        """The Redis name (after the prefix) of a key's counters."""
+        return f"rl:{token}:"
+
+    @staticmethod
+    def scope_group(name: str) -> str:
+        """The Redis name (after the prefix) of the operator's counters for a model, or '*'."""
+        return f"rls:{name}:"
 
     @property
     def up(self) -> bool:
@@ -229,44 +280,131 @@ class FleetLimits:
 
     def _down(self, exc: BaseException) -> None:
         if self.up:
-            log.warning("Redis unreachable for key limits (%s): per-instance limits, "
-                        "each 1/%d of a key's", exc, self.instances)
+            log.warning("Redis unreachable for rate limits (%s): per-instance limits, "
+                        "each 1/%d of the fleet's", exc, self.instances)
         self._retry_at = trio.current_time() + RETRY_SECS
 
-    async def admit(self, token: str, limits: Limits, estimate: int) -> Ticket | Refusal | None:
-        """The fleet's decision, or None when Redis cannot be asked (the caller decides)."""
+    async def admit(
+        self, groups: Sequence[tuple[str, Limits]], estimate: int
+    ) -> list[Ticket] | tuple[int, Refusal] | None:
+        """The fleet's decision on every group of limits at once — `(key_group(token) or
+        scope_group(name), limits)` — in one script call: a ticket per group, or the index of
+        the first group that refuses and why (the others took nothing); None when Redis
+        cannot be asked."""
         ref = f"{self._me}:{next(self._ids)}"
-        base = f"{self._r.prefix}rl:{token}:"
-        keys = [base + name for name in ("req", "tok", "tokw", "tokt", "burst", "par")]
-        args = [ref, limits.rpm or 0, limits.tpm or 0, limits.burst or 0, limits.parallel or 0,
-                estimate, self._parallel_ttl_ms]
+        prefix = self._r.prefix
+        keys = [f"{prefix}{group}{name}" for group, _ in groups
+                for name in ("req", "tok", "tokw", "tokt", "burst", "par")]
+        args: list[object] = [ref, estimate, self._parallel_ttl_ms]
+        for _, limits in groups:
+            args += [limits.rpm or 0, limits.tpm or 0, limits.burst or 0, limits.parallel or 0]
         try:
-            raw = await self._r.run(self._admit, keys=keys, args=args)
+            raw = await self._evaluate(keys, args)
         except (redis.RedisError, OSError) as exc:
             self._down(exc)
             return None
-        except trio.Cancelled:  # the client left: the script may have run; free its slot
-            if limits.parallel is not None:
-                self._queue.append((token, ref, -1, True))
-                self._wake.set()
+        except trio.Cancelled:  # the client left: the script may have run; free its slots
+            for group, limits in groups:
+                if limits.parallel is not None:
+                    self._queue.append((group, ref, -1, True))
+                    self._wake.set()
             raise
-        admitted, wreq, wtok, wpar, left_req, reset_req, left_tok, reset_tok = (
-            float(x) for x in raw
-        )
-        figures = Figures(
-            limits.rpm, int(left_req), reset_req / 1000, limits.tpm, int(left_tok),
-            reset_tok / 1000,
-        )
-        if admitted:
-            return Ticket(figures, None, limits.parallel is not None, ref)
-        waits = {"requests": wreq, "tokens": wtok, "parallel": wpar}
-        which = max(waits, key=lambda name: waits[name])
-        return Refusal(which, waits[which] / 1000, figures)
+        if not raw[0]:
+            index = int(raw[1]) - 1
+            wreq, wtok, wpar, left_req, reset_req, left_tok, reset_tok = (
+                float(x) for x in raw[2:]
+            )
+            limits = groups[index][1]
+            figures = Figures(limits.rpm, int(left_req), reset_req / 1000, limits.tpm,
+                              int(left_tok), reset_tok / 1000)
+            waits = {"requests": wreq, "tokens": wtok, "parallel": wpar}
+            which = max(waits, key=lambda name: waits[name])
+            return index, Refusal(which, waits[which] / 1000, figures)
+        tickets = []
+        for i, (_, limits) in enumerate(groups):
+            left_req, reset_req, left_tok, reset_tok = raw[2 + 4 * i: 6 + 4 * i]
+            figures = Figures(limits.rpm, int(left_req), reset_req / 1000, limits.tpm,
+                              int(left_tok), reset_tok / 1000)
+            tickets.append(Ticket(figures, None, limits.parallel is not None, ref))
+        return tickets
 
-    def settle(self, token: str, ticket: Ticket, tokens: int | None) -> None:
+    async def _evaluate(self, keys: list[str], args: list[object]) -> Any:
+        """The admission script's reply. Admissions arriving while a batch is in flight wait
+        and go together in the next one: still one script call each, but one worker-thread
+        hop and one round trip per batch (the hop, not Redis, is most of a call's CPU)."""
+        call = _Call(keys, args)
+        self._calls.append(call)
+        if not self._sending:
+            await self._send()
+        else:
+            try:
+                await call.done.wait()
+            except trio.Cancelled:  # the client left: never strand the calls behind it
+                if call.lead:
+                    await self._send()
+                elif call in self._calls:
+                    self._calls.remove(call)
+                raise
+            if call.lead:
+                await self._send()
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    async def _send(self) -> None:
+        """Send every waiting call in one pipeline; then hand the next batch to its first."""
+        self._sending = True
+        batch, self._calls = self._calls, []
+        try:
+            # Shielded: the others' replies ride on it (bounded by the socket timeout).
+            with trio.CancelScope(shield=True):
+                replies = await self._r.run(self._pipeline, batch)
+            for call, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    call.error = reply
+                else:
+                    call.reply = reply
+        except (redis.RedisError, OSError) as exc:
+            for call in batch:
+                call.error = exc
+        finally:
+            for call in batch:
+                if call.reply is None and call.error is None:
+                    call.error = redis.RedisError("the batch was not sent")
+                call.done.set()
+            if self._calls:
+                self._calls[0].lead = True
+                self._calls[0].done.set()
+            else:
+                self._sending = False
+
+    def _pipeline(self, batch: Sequence[_Call]) -> list[Any]:
+        """(In a worker thread.) The calls' replies, or the error of each that failed."""
+        if len(batch) == 1:  # the Script object loads the script if Redis lacks it
+            return [self._admit(keys=batch[0].keys, args=batch[0].args)]
+        replies: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for attempt in range(2):
+            pipe = self._r.redis.pipeline(transaction=False)
+            for i in todo:
+                pipe.evalsha(self._admit.sha, len(batch[i].keys), *batch[i].keys, *batch[i].args)
+            for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+            if not todo:
+                break
+            if attempt == 0:  # Redis restarted (or a new one): load it, send those again
+                self._r.redis.script_load(_ADMIT)
+        return replies
+
+    def settle(self, group: str, ticket: Ticket, tokens: int | None) -> None:
+        """The request ended: its real tokens replace the estimate in `group`'s window, its
+        parallel slot there frees (sent in the next batch)."""
         if ticket.ref is None:
             return
-        self._queue.append((token, ticket.ref, -1 if tokens is None else tokens,
+        if not ticket.parallel and (tokens is None or ticket.figures.limit_tokens is None):
+            return  # nothing held there: no slot, no tokens window (e.g. an rpm limit only)
+        self._queue.append((group, ticket.ref, -1 if tokens is None else tokens,
                             ticket.parallel))
         ticket.parallel = False
         self._wake.set()
@@ -276,17 +414,23 @@ class FleetLimits:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            batch, self._queue = self._queue, []
-            args: list[Any] = [self._r.prefix]
-            for token, ref, used, parallel in batch:
-                args += [token, ref, used, "1" if parallel else "0"]
             try:
-                await self._r.run(self._settle, keys=[], args=args)
+                await self.send_settled()
             except (redis.RedisError, OSError) as exc:
                 # Lost: the windows forget estimates within a minute and the parallel slots
                 # expire; the alternative, holding them, would grow without bound.
                 self._down(exc)
                 await trio.sleep(RETRY_SECS)
+
+    async def send_settled(self) -> None:
+        """What settled since the last call, in one script call."""
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        args: list[Any] = [self._r.prefix]
+        for group, ref, used, parallel in batch:
+            args += [group, ref, used, "1" if parallel else "0"]
+        await self._r.run(self._settle, keys=[], args=args)
 
     def close(self) -> None:
         self._r.close()

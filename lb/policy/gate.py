@@ -98,8 +98,10 @@ class Admission:
     limits: Limits | None = None  # the limits it was admitted under (a share, Redis down)
     fleet: bool = False  # admitted by the fleet's Redis
     done: bool = False
-    # Operator limits (per model, all requests) it holds: their counters and its tickets.
+    # Operator limits (per model, all requests) it holds: their counters and its tickets;
+    # or, admitted by the fleet's Redis, their groups there and its tickets.
     scoped: Sequence[tuple[KeyCounters, Ticket]] = ()
+    fleet_scoped: Sequence[tuple[str, Ticket]] = ()
 
     def settle(self, trace: Trace) -> None:
         if not self.done:
@@ -115,8 +117,9 @@ class Gate(Observer):
     ) -> None:
         self._master = master_key.encode()
         self.keys_on = bool(master_key)  # else only the operator's rate limits apply
-        # The operator's limits: per model, and '*' for every request; this instance's
-        # counters (in a fleet, each instance keeps its share: limit / live instances).
+        # The operator's limits: per model, and '*' for every request. In a fleet with Redis
+        # up they are counted there, exact fleet-wide, in the same script call as the key's;
+        # else on this instance's counters (Redis down: its share, limit / live instances).
         self.rate_limits = dict(rate_limits or {})
         self._scoped: dict[str, KeyCounters] = {}
         self.store = store
@@ -189,6 +192,10 @@ class Gate(Observer):
         if record is None:  # the master key, or keys off
             if not scopes:
                 return Admission(self, None)
+            if self.fleet is not None and self.fleet.up:
+                fleet_admission = await self._admit_fleet(None, None, model, estimate)
+                if fleet_admission is not None:
+                    return fleet_admission
             admission = Admission(self, None)
             admission.scoped = self._take_scopes(scopes, estimate)
             return admission
@@ -203,28 +210,54 @@ class Gate(Observer):
                 + (f" this {record.budget_duration} period" if record.budget_duration else ""),
             )
         limits = record.limits
-        if not limits.any:
+        if self.fleet is not None and self.fleet.up and (scopes or limits.any):
+            fleet_admission = await self._admit_fleet(
+                record, limits if limits.any else None, model, estimate
+            )
+            if fleet_admission is not None:
+                return fleet_admission
+        if not limits.any:  # (also when Redis went down just now: then our shares)
             admission = Admission(self, record)
-        elif self.fleet is not None and self.fleet.up:
-            if scopes:  # the operator's first: a refusal there takes nothing from the fleet
-                self._check_scopes(scopes, estimate)
-            result = await self.fleet.admit(record.token, limits, estimate)
-            if result is not None:
-                admission = self._admitted(record, result, limits, fleet=True)
-            else:  # Redis went down: our share
-                admission = self._local(record, limits.share(self.fleet.instances), estimate)
         else:
             if self.fleet is not None:
                 limits = limits.share(self.fleet.instances)
-            if scopes:
+            if scopes:  # the operator's first: a refusal there takes nothing from the key
                 self._check_scopes(scopes, estimate)
             admission = self._local(record, limits, estimate)
-        if scopes:
-            try:
-                admission.scoped = self._take_scopes(scopes, estimate)
-            except RateLimitExceeded:  # taken meanwhile (while the fleet was asked)
-                self.settle(admission, None)
-                raise
+        if scopes:  # they fit (checked above, nothing awaited since): count them
+            admission.scoped = self._take_scopes(scopes, estimate)
+        return admission
+
+    async def _admit_fleet(
+        self, record: KeyRecord | None, limits: Limits | None, model: str, estimate: int
+    ) -> Admission | None:
+        """The operator's limits for `model` and the key's `limits` (None: none) in one
+        script call on the fleet's Redis, all or nothing; None when Redis cannot be asked."""
+        fleet = self.fleet
+        assert fleet is not None
+        groups: list[tuple[str, Limits]] = []
+        labels: list[str] = []
+        for name, label in (("*", "all requests"), (model, f"model {model}")):
+            scope = self.rate_limits.get(name)
+            if scope is not None:
+                groups.append((fleet.scope_group(name), scope))
+                labels.append(label)
+        scoped = len(groups)
+        if record is not None and limits is not None:
+            groups.append((fleet.key_group(record.token), limits))
+            labels.append("this key")
+        result = await fleet.admit(groups, estimate)
+        if result is None:
+            return None
+        if isinstance(result, tuple):
+            index, refusal = result
+            raise _refused(labels[index], refusal, groups[index][1])
+        if scoped < len(groups):
+            ticket = result[-1]
+            admission = Admission(self, record, ticket, ticket.figures.headers(), limits, True)
+        else:
+            admission = Admission(self, record)
+        admission.fleet_scoped = [(groups[i][0], result[i]) for i in range(scoped)]
         return admission
 
     def _local(self, record: KeyRecord, limits: Limits, estimate: int) -> Admission:
@@ -295,11 +328,14 @@ class Gate(Observer):
             now = trio.current_time()
             for scoped, held in admission.scoped:
                 scoped.settle(held, used, now)
+        if admission.fleet_scoped and self.fleet is not None:
+            for group, held in admission.fleet_scoped:
+                self.fleet.settle(group, held, used)
         if record is None:
             return
         if ticket is not None:
             if admission.fleet and self.fleet is not None:
-                self.fleet.settle(record.token, ticket, used)
+                self.fleet.settle(self.fleet.key_group(record.token), ticket, used)
             else:
                 mine = self._counters.get(record.token)
                 if mine is not None:
