@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=8, help="tokens per answer (the mock)")
+    parser.add_argument("--itl-ms", type=float, default=0,
+                        help="the mock's gap between tokens (1: each event in its own read)")
     parser.add_argument("--modes", nargs="+", default=["non-stream"], choices=pb.MODES)
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         logdir = Path(tmp)
         cluster = pb.Cluster(logdir)
         try:
-            mock = cluster.mock(args.tokens, 0, 0)
+            mock = cluster.mock(args.tokens, 0, args.itl_ms)
             for rep in range(args.reps):
                 for mode in args.modes:
                     for name, tree in trees.items():
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         base = statistics.median(by_tree[first])
         for name in trees:
             value = statistics.median(by_tree[name])
-            print(f"{mode:<11} {name:<16} {value:>12,.0f} Ir/request  "
+            per_event = (f"  {value / (args.tokens + 3):,.0f} Ir/event"
+                         if mode == "stream" else "")  # role, tokens, finish, [DONE]
+            print(f"{mode:<11} {name:<16} {value:>12,.0f} Ir/request{per_event}  "
                   f"x{value / base:.3f} of {first}  all: "
                   + " ".join(f"{v:,.0f}" for v in by_tree[name]))
     if args.json:

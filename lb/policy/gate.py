@@ -6,7 +6,8 @@ Both dialects' edges call it before routing: `identify(request)` (the key, from
 estimate)`, which returns an `Admission` to put on the request's `Trace`. The gate is also a
 `RequestObserver`: when the request finishes it settles the admission — the real tokens replace
 the estimate in the key's TPM window, the parallel slot frees, and usage x price is added to the
-key's spend. Only built when a master key is set: with keys off the request path never sees it.
+key's spend. Only built when a master key or the operator's rate limits (`LB_RATE_LIMITS`) are
+set: without either the request path never sees it.
 
 Key records are cached in memory; a background task flushes spend to the store every
 `SPEND_FLUSH_SECS` and polls the store's version counter every `VERSION_POLL_SECS`, so a key
