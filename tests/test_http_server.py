@@ -339,6 +339,48 @@ async def test_streaming_response_is_chunked_and_not_buffered() -> None:
             await client.aclose()
 
 
+@pytest.mark.parametrize(("version", "content_length"), [
+    (b"1.1", False), (b"1.0", False), (b"1.1", True),
+])
+async def test_a_streamed_body_is_framed_as_the_head_says(
+    version: bytes, content_length: bool
+) -> None:
+    """Chunks for an HTTP/1.1 client (framed by the sink itself), the bytes as they are to
+    the end of the connection for HTTP/1.0, and h11's count under a Content-Length."""
+    parts = [b"data: one\n\n", b"x" * 4097, b"data: [DONE]\n\n"]
+
+    async def writer(sink: ResponseSink) -> None:
+        for part in parts[:-1]:
+            await sink.send(part)
+        await sink.end(parts[-1])
+
+    async def handler(request: Request) -> Response:
+        headers = [(b"content-type", b"text/event-stream")]
+        if content_length:
+            headers.append((b"content-length", str(len(b"".join(parts))).encode()))
+        return Response(200, headers, stream=writer)
+
+    with trio.fail_after(5):
+        async with serving(handler) as (_, port):
+            stream = await trio.open_tcp_stream(HOST, port)
+            await stream.send_all(b"GET /s HTTP/" + version + b"\r\nhost: x\r\n\r\n")
+            raw = b""
+            while not raw.endswith(b"0\r\n\r\n") or version == b"1.0" or content_length:
+                data = await stream.receive_some()
+                if not data:
+                    break
+                raw += data
+                if content_length and raw.endswith(parts[-1]):
+                    break
+            await stream.aclose()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if version == b"1.0" or content_length:
+        assert b"transfer-encoding" not in head.lower() and body == b"".join(parts)
+    else:
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert body == b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
 async def test_streaming_writer_failure_after_head_truncates_and_server_keeps_serving() -> None:
     async def writer(sink: ResponseSink) -> None:
         send = sink.send
