@@ -205,14 +205,14 @@ def render(meta: dict[str, Any], args: argparse.Namespace, runs: list[dict[str, 
         f"(lb); median over {args.reps} repetitions; direct / lb is each repetition's direct "
         "rate over the lb rate measured right after it. CPU: utime+stime from /proc per "
         "request served (the mock: all its processes).", "",
-        "| generator | request | direct req/s | via lb req/s | direct / lb (min–max) | "
+        "| generator | request | direct req/s | via lb req/s | direct / lb (min, max) | "
         "generator CPU ms/req (direct, lb) | mock CPU ms/req | lb CPU ms/req |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['tree']} | {r['mode']} | {r['direct_rps']:.0f} | {r['lb_rps']:.0f} | "
-            f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}x) | "
+            f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}x, {r['ratio_max']:.2f}x) | "
             f"{r['generator_ms_direct']:.3f}, {r['generator_ms_lb']:.3f} | {r['mock_ms']:.3f} | "
             f"{r['lb_ms']:.3f} |"
         )
