@@ -44,6 +44,10 @@ from lb.bench.workloads import Request
 __all__ = ["Response", "Target", "WireConn", "WireError"]
 
 _READ_SIZE = 262144
+# Every plain read lands here and is parsed before the next await, so one buffer serves all
+# connections: a fresh 256 KiB bytes per read would cost an mmap, an mremap and a munmap.
+_BUFFER = bytearray(_READ_SIZE)
+_VIEW = memoryview(_BUFFER)
 _IDLE_CHECK = 1.0  # seconds idle after which a pooled connection is polled before reuse
 _DROPPED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
                       b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-connection"})
@@ -92,7 +96,7 @@ class Response:
             self._parts = []
         return parts
 
-    def feed(self, data: bytes | bytearray) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Parse the next bytes; b"" is the end of the connection. Raises WireError: "closed"
         at an EOF before the response ended (except for a body delimited by the close),
         "protocol" for anything but HTTP/1.1."""
@@ -174,6 +178,7 @@ class WireConn:
     async def read(self) -> None:
         """Read what arrives next into the response (see `Response.feed`)."""
         fd = self.fd
+        data: bytes | bytearray | memoryview
         try:
             if fd is None:
                 data = await self._stream.receive_some(_READ_SIZE)
@@ -182,7 +187,7 @@ class WireConn:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
                     try:
-                        data = os.read(fd, _READ_SIZE)
+                        data = _VIEW[:os.readv(fd, (_BUFFER,))]
                         break
                     except BlockingIOError:
                         continue
@@ -285,8 +290,8 @@ class Target:
         response = conn.response
         if fd is not None:
             try:
-                while data := os.read(fd, _READ_SIZE):
-                    response.feed(data)
+                while size := os.readv(fd, (_BUFFER,)):
+                    response.feed(_VIEW[:size])
             except (OSError, WireError):
                 pass
         if not response.headers_done:
