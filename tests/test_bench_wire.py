@@ -65,13 +65,26 @@ def sse_stream(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, bytes]]]:
     return out, events
 
 
+@st.composite
+def plain_stream(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """As OpenAI-style servers send: every event one `data: ` line, LF line endings (the
+    counter's fast path)."""
+    out = b""
+    events: list[tuple[int, bytes]] = []
+    for value in draw(st.lists(_DATA, max_size=12)):
+        out += b"data: " + value + b"\n"
+        events.append((len(out) + 1, value))
+        out += b"\n"
+    return out, events
+
+
 def _cuts(draw: st.DrawFn, size: int) -> list[int]:
     points = draw(st.lists(st.integers(0, size), max_size=8))
     return sorted({0, size, *points})
 
 
-@settings(max_examples=300)
-@given(sse_stream(), st.data())
+@settings(max_examples=500)
+@given(st.one_of(sse_stream(), plain_stream()), st.data())
 def test_sse_events_are_counted_as_they_end_however_the_reads_cut_them(
     stream: tuple[bytes, list[tuple[int, bytes]]], data: st.DataObject,
 ) -> None:

@@ -27,7 +27,7 @@ class EventCounter:
         self.events = 0
         self.done = False  # a `data: [DONE]` event came
         self.usage = b""  # the data of the last JSON event that mentions "usage"
-        self.error = False  # an event whose data is a JSON error ({"error": ...})
+        self.error = False  # an event whose data is a JSON error (it begins {"error")
         # Never pass part of an event through: an event cut in two would count twice.
         self._splitter = EventSplitter(max_partial=sys.maxsize)
 
@@ -42,18 +42,29 @@ class EventCounter:
             whole = whole.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         blocks = whole.split(b"\n\n")
         blocks.pop()  # what follows the last blank line: nothing, or more blank lines
+        marked = b"\n\n" + whole
+        count = len(blocks)
+        if whole.count(b"\n") == 2 * count and marked.count(b"\n\ndata: ") == count:
+            # The usual stream: every event one `data: ` line. Searched in C, not per event.
+            if marked.find(b'\n\ndata: {"error"') >= 0:
+                self.error = True
+            if b"data: [DONE]" in blocks:
+                self.done = True
+            if marked.find(b'"usage"') >= 0:
+                for block in reversed(blocks):
+                    if block[6:7] == b"{" and b'"usage"' in block and not _error(block[6:]):
+                        self.usage = block[6:]
+                        break
+            self.events += count
+            return count
         ended = 0
         for block in blocks:
-            if block[:6] == b"data: " and b"\n" not in block:  # the usual event: one data line
-                data = block[6:]
-            else:
-                found = _data(block)
-                if found is None:
-                    continue
-                data = found
+            data = _data(block)
+            if data is None:
+                continue
             ended += 1
             if data[:1] == b"{":
-                if b'"error"' in data[:14]:
+                if _error(data):
                     self.error = True
                 elif b'"usage"' in data:
                     self.usage = data
@@ -61,6 +72,10 @@ class EventCounter:
                 self.done = True
         self.events += ended
         return ended
+
+
+def _error(data: bytes) -> bool:
+    return data[:8] == b'{"error"'
 
 
 def _data(block: bytes) -> bytes | None:
