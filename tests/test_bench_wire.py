@@ -4,13 +4,16 @@ connection retried, an early answer, errors by kind)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import ssl
 from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
 import trio
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -243,7 +246,7 @@ async def _serve(nursery: trio.Nursery, handler: Handler) -> str:
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
-async def _read_request(stream: trio.SocketStream, buffer: bytearray) -> bool:
+async def _read_request(stream: trio.abc.Stream, buffer: bytearray) -> bool:
     """Read up to the end of one request head plus its body (content-length); False at EOF."""
     while b"\r\n\r\n" not in buffer:
         data = await stream.receive_some(65536)
@@ -344,3 +347,35 @@ async def test_errors_have_the_benchs_kinds(nursery: trio.Nursery) -> None:
     with pytest.raises(WireError) as refused:
         await _exchange(Target("http://127.0.0.1:1"))
     assert refused.value.kind == "connect"
+
+
+async def test_https_keeps_its_connection_and_an_unknown_certificate_is_a_connect_error(
+    nursery: trio.Nursery,
+) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    accepted = 0
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        nonlocal accepted
+        accepted += 1
+        buffer = bytearray()
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await _read_request(stream, buffer):
+                await stream.send_all(OK)
+
+    listeners = await nursery.start(functools.partial(
+        trio.serve_ssl_over_tcp, handler, 0, server_ctx, host="127.0.0.1"))
+    url = f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}"
+    target = Target(url, ssl_context=client_ctx)
+    with trio.fail_after(10):
+        for _ in range(3):
+            assert await _exchange(target) == (200, b"ok")
+        assert accepted == 1
+        with pytest.raises(WireError) as untrusted:
+            await _exchange(Target(url))  # the system's CAs do not know trustme's
+    assert untrusted.value.kind == "connect"
+    await target.aclose()

@@ -215,7 +215,8 @@ class Target:
     head every request to it starts with."""
 
     def __init__(self, url: str, headers: Iterable[tuple[bytes, bytes]] = (),
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url!r}: expected http://host[:port] or https://...")
@@ -227,7 +228,9 @@ class Target:
         if self.port != default_port:
             host = f"{host}:{self.port}"
         self._prefix = parts.path.rstrip("/")
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
         self.connect_timeout = connect_timeout
         lines = [b"host: " + host.encode("idna")]
         for name, value in headers:
