@@ -140,7 +140,8 @@ async def _open(
     async with trio.open_nursery() as nursery:
         for index, offset in enumerate(schedule):
             at = t0 + offset
-            await trio.sleep_until(at)
+            if at > trio.current_time():  # those already due go at once, in one batch
+                await trio.sleep_until(at)
             nursery.start_soon(one, index, at)
 
 
