@@ -40,23 +40,20 @@ class EventCounter:
             # Whole events only, so no CRLF is cut here; a lone LF first (the end of a CRLF
             # whose CR ended the last piece) is one more blank line between events: a no-op.
             whole = whole.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        blocks = whole.split(b"\n\n")
-        blocks.pop()  # what follows the last blank line: nothing, or more blank lines
         marked = b"\n\n" + whole
-        count = len(blocks)
-        if whole.count(b"\n") == 2 * count and marked.count(b"\n\ndata: ") == count:
+        count = whole.count(b"\n\n")
+        if (whole.count(b"\n") == 2 * count and marked.count(b"\n\ndata: ") == count
+                and whole.endswith(b"\n\n")):
             # The usual stream: every event one `data: ` line. Searched in C, not per event.
             if marked.find(b'\n\ndata: {"error"') >= 0:
                 self.error = True
-            if b"data: [DONE]" in blocks:
+            if marked.find(b"\n\ndata: [DONE]\n\n") >= 0:
                 self.done = True
-            if marked.find(b'"usage"') >= 0:
-                for block in reversed(blocks):
-                    if block[6:7] == b"{" and b'"usage"' in block and not _error(block[6:]):
-                        self.usage = block[6:]
-                        break
+            self._last_usage(marked)
             self.events += count
             return count
+        blocks = whole.split(b"\n\n")
+        blocks.pop()  # what follows the last blank line: nothing, or more blank lines
         ended = 0
         for block in blocks:
             data = _data(block)
@@ -72,6 +69,19 @@ class EventCounter:
                 self.done = True
         self.events += ended
         return ended
+
+
+    def _last_usage(self, marked: bytes) -> None:
+        """The last JSON event mentioning usage in `marked` (b"\n\n" and events of one
+        `data: ` line each), if any."""
+        before = len(marked)
+        while (at := marked.rfind(b'"usage"', 0, before)) >= 0:
+            block = marked.rfind(b"\n\n", 0, at)  # the blank line before the event
+            data = marked[block + 8:marked.find(b"\n\n", at)]  # after "\n\ndata: "
+            if data[:1] == b"{" and not _error(data):
+                self.usage = data
+                return
+            before = block
 
 
 def _error(data: bytes) -> bool:
