@@ -31,6 +31,9 @@ _DATA = st.one_of(
     st.just(b"[DONE]"),
     st.builds(lambda n: orjson.dumps({"usage": {"completion_tokens": n}}), st.integers(0, 99)),
     st.just(b'{"error":{"message":"boom"}}'),
+    # events that mention usage without being the usage event
+    st.just(b'{"error":{"message":"boom"},"usage":null}'),
+    st.just(b't "usage": not JSON'),
     st.builds(lambda t: orjson.dumps({"choices": [{"delta": {"content": t.hex()}}]}), _TEXT),
     _TEXT,
 )
