@@ -133,11 +133,16 @@ def serve_worker(index: int, count: int, restarts: int, fds: str, ready_fd: int)
     show_default=True, help="The API the node plays (anthropic: POST /v1/messages)",
 )
 @click.option("--api-key", default="", help="Require this key (Bearer, or x-api-key)")
+@click.option(
+    "--processes", default=1, type=click.IntRange(min=1), show_default=True,
+    help="Serve from this many processes on the port (SO_REUSEPORT): a node faster than one "
+    "core; each process keeps its own /mock/stats, recorded requests and runtime fault",
+)
 def mock(
     host: str, port: int, models: tuple[str, ...], ttft_ms: float, itl_ms: float, tokens: int,
     embedding_dim: int, fault: str, name: str, busy_probes: bool, strict_request_id: bool,
     ignore_max_completion_tokens: bool, prefix_cache: bool, prefill_ms_per_kb: float,
-    cache_entries: int, ttft_per_inflight_ms: float, dialect: str, api_key: str,
+    cache_entries: int, ttft_per_inflight_ms: float, dialect: str, api_key: str, processes: int,
 ) -> None:
     """Run a mock LLM node, OpenAI-compatible or Anthropic (for tests, benchmarks, demos)."""
     from lb.testing import MockNode
@@ -148,15 +153,31 @@ def mock(
             parse_fault(fault)
         except ValueError as exc:
             _fail(f"--fault={fault!r}: {exc}")
-    node = MockNode(
-        models=models or ("mock-model",), ttft_ms=ttft_ms, itl_ms=itl_ms, tokens=tokens,
-        embedding_dim=embedding_dim, fault=fault, name=name, busy_probes=busy_probes,
-        strict_request_id=strict_request_id,
-        honours_max_completion_tokens=not ignore_max_completion_tokens,
-        prefix_cache=prefix_cache, prefill_ms_per_kb=prefill_ms_per_kb,
-        cache_entries=cache_entries, ttft_per_inflight_ms=ttft_per_inflight_ms,
-        dialect=dialect, api_key=api_key,
-    )
+
+    def make_node() -> MockNode:
+        return MockNode(
+            models=models or ("mock-model",), ttft_ms=ttft_ms, itl_ms=itl_ms, tokens=tokens,
+            embedding_dim=embedding_dim, fault=fault, name=name, busy_probes=busy_probes,
+            strict_request_id=strict_request_id,
+            honours_max_completion_tokens=not ignore_max_completion_tokens,
+            prefix_cache=prefix_cache, prefill_ms_per_kb=prefill_ms_per_kb,
+            cache_entries=cache_entries, ttft_per_inflight_ms=ttft_per_inflight_ms,
+            dialect=dialect, api_key=api_key,
+        )
+
+    def listening(bound: int) -> None:
+        print(f"lb mock listening on http://{host}:{bound}", flush=True)
+
+    if processes > 1:
+        from lb.testing import processes as many
+
+        try:
+            sockets = many.reuseport_sockets(host, port, processes)
+        except OSError as exc:
+            _fail(f"--port={port}: cannot listen on {host}: {exc.strerror}")
+        many.run(make_node, sockets, listening)
+        return
+    node = make_node()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -164,7 +185,7 @@ def mock(
                 bound = await nursery.start(node.serve, host, port)
             except OSError as exc:
                 _fail(f"--port={port}: cannot listen on {host}: {exc.strerror}")
-            print(f"lb mock listening on http://{host}:{bound}", flush=True)
+            listening(bound)
 
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run)

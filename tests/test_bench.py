@@ -14,8 +14,8 @@ import trio
 
 from lb.bench.runner import Plan, measure, run
 from lb.bench.schedule import StopRule, open_loop_schedule
+from lb.bench.wire import Target
 from lb.bench.workloads import BuiltIn
-from lb.upstream.client import ConnectionPool
 from tests.harness import start_lb, start_mock
 
 
@@ -57,13 +57,12 @@ async def test_a_late_send_is_charged_from_its_scheduled_time(
     # Coordinated omission: a request the generator could only send 0.5 s late still counts
     # those 0.5 s.
     mock = await start_mock(nursery, ttft_ms=200)
-    pool = ConnectionPool(mock.url)
+    target = Target(mock.url, [(b"content-type", b"application/json")])
     request = BuiltIn().request(0)
     t0 = trio.current_time()
     await trio.sleep(0.5)
-    sample = await measure(pool, request, [(b"content-type", b"application/json")], 0, t0,
-                           t0, 60.0)
-    await pool.aclose()
+    sample = await measure(target, request, 0, t0, t0, 60.0)
+    await target.aclose()
     assert sample.error is None
     assert sample.lag == pytest.approx(0.5, abs=1e-3)
     assert sample.latency == pytest.approx(0.7, abs=1e-3)

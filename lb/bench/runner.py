@@ -1,12 +1,13 @@
 """Sends a bench's requests and times them: the only I/O of `lb bench`.
 
-Built on lb's own upstream client (trio + h11, keep-alive pooled), so the generator costs
-about what lb's own hop to a node costs. Every time is `trio.current_time()` (so tests run
-on trio's autojump clock). Closed loop: `concurrency` workers, each sending its next request
-when the last one ended; a sample's clock starts when it is sent. Open loop: the whole
-Poisson schedule is fixed up front and each request's clock starts at its *scheduled* time,
-so a target that stalls is charged for the requests that queued behind the stall
-(coordinated omission excluded); how late the generator itself sent is kept as `lag`.
+Built on its own small HTTP/1.1 client (lb.bench.wire: prebuilt request bytes, llhttp
+parsing, keep-alive pooled), so the generator costs well under what lb spends per request.
+Every time is `trio.current_time()` (so tests run on trio's autojump clock). Closed loop:
+`concurrency` workers, each sending its next request when the last one ended; a sample's clock
+starts when it is sent. Open loop: the whole Poisson schedule is fixed up front and each
+request's clock starts at its *scheduled* time, so a target that stalls is charged for the
+requests that queued behind the stall (coordinated omission excluded); how late the generator
+itself sent is kept as `lag`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import orjson
 import trio
 
 from lb.bench.schedule import StopRule, open_loop_schedule
+from lb.bench.sse import EventCounter
+from lb.bench.wire import Target, WireConn, WireError
 from lb.bench.workloads import Request, Workload
-from lb.http.types import Headers
-from lb.upstream.client import (
-    ConnectError,
-    ConnectionPool,
-    LocalResourceError,
-    UpstreamClosed,
-    UpstreamError,
-    UpstreamProtocolError,
-)
-
-_TAIL = 8192  # bytes of a stream kept to find its usage event and an error event
 
 
 @attrs.define(slots=True)
@@ -69,6 +60,9 @@ class Plan:
             raise ValueError("give either a concurrency (closed loop) or a rate (open loop)")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        for url in (self.url, self.compare):
+            if url:
+                Target(url, self.headers)  # a bad URL or header: a ValueError now, not mid-run
 
 
 @attrs.define
@@ -85,34 +79,33 @@ Progress = Callable[[int], None]
 
 
 async def run(plan: Plan, progress: Progress | None = None) -> Run:
-    pools = [ConnectionPool(plan.url, max_idle=4096, connect_timeout=plan.timeout)]
-    if plan.compare:
-        pools.append(ConnectionPool(plan.compare, max_idle=4096, connect_timeout=plan.timeout))
-    headers: Headers = [(b"content-type", b"application/json"), *plan.headers]
+    headers = [(b"content-type", b"application/json"), *plan.headers]
+    targets = [Target(url, headers, connect_timeout=plan.timeout)
+               for url in (plan.url, plan.compare) if url]
     try:
         if plan.warmup:
             warm = attrs.evolve(plan, stop=StopRule(requests=plan.warmup), rate=None,
                                 concurrency=min(plan.concurrency or 16, plan.warmup), warmup=0)
-            await _closed(warm, pools, headers, trio.current_time(), [], [], None)
+            await _closed(warm, targets, trio.current_time(), [], [], None)
         samples: list[Sample] = []
         compared: list[Sample] = []
         wall = time.time()
         cpu = time.process_time()
         t0 = trio.current_time()
         if plan.rate is not None:
-            await _open(plan, pools, headers, t0, samples, compared, progress)
+            await _open(plan, targets, t0, samples, compared, progress)
         else:
-            await _closed(plan, pools, headers, t0, samples, compared, progress)
+            await _closed(plan, targets, t0, samples, compared, progress)
         elapsed = trio.current_time() - t0
         return Run(plan, samples, compared, elapsed, wall, time.process_time() - cpu)
     finally:
-        for pool in pools:
-            await pool.aclose()
+        for target in targets:
+            await target.aclose()
 
 
 async def _closed(
-    plan: Plan, pools: list[ConnectionPool], headers: Headers, t0: float,
-    samples: list[Sample], compared: list[Sample], progress: Progress | None,
+    plan: Plan, targets: list[Target], t0: float, samples: list[Sample],
+    compared: list[Sample], progress: Progress | None,
 ) -> None:
     sent = 0
 
@@ -121,7 +114,7 @@ async def _closed(
         while plan.stop.may_send(sent, trio.current_time() - t0):
             index = sent
             sent += 1
-            await _send(plan, pools, headers, index, t0, trio.current_time(), samples, compared)
+            await _send(plan, targets, index, t0, trio.current_time(), samples, compared)
             if progress:
                 progress(1)
 
@@ -131,8 +124,8 @@ async def _closed(
 
 
 async def _open(
-    plan: Plan, pools: list[ConnectionPool], headers: Headers, t0: float,
-    samples: list[Sample], compared: list[Sample], progress: Progress | None,
+    plan: Plan, targets: list[Target], t0: float, samples: list[Sample],
+    compared: list[Sample], progress: Progress | None,
 ) -> None:
     assert plan.rate is not None
     schedule = open_loop_schedule(
@@ -140,106 +133,118 @@ async def _open(
     )
 
     async def one(index: int, at: float) -> None:
-        await _send(plan, pools, headers, index, t0, at, samples, compared)
+        await _send(plan, targets, index, t0, at, samples, compared)
         if progress:
             progress(1)
 
     async with trio.open_nursery() as nursery:
         for index, offset in enumerate(schedule):
             at = t0 + offset
-            await trio.sleep_until(at)
+            if at > trio.current_time():  # those already due go at once, in one batch
+                await trio.sleep_until(at)
             nursery.start_soon(one, index, at)
 
 
 async def _send(
-    plan: Plan, pools: list[ConnectionPool], headers: Headers, index: int, t0: float,
-    scheduled: float, samples: list[Sample], compared: list[Sample],
+    plan: Plan, targets: list[Target], index: int, t0: float, scheduled: float,
+    samples: list[Sample], compared: list[Sample],
 ) -> None:
     request = plan.workload.request(index)
-    if len(pools) == 1:
-        samples.append(await measure(pools[0], request, headers, index, t0, scheduled,
-                                     plan.timeout))
+    if len(targets) == 1:
+        samples.append(await measure(targets[0], request, index, t0, scheduled, plan.timeout))
         return
     # Paired: the same request both ways, one after the other, alternately first, each timed
     # from its own send (the second did not wait in any queue of the first's).
     order = (0, 1) if index % 2 == 0 else (1, 0)
     pair: list[Sample | None] = [None, None]
     for side in order:
-        pair[side] = await measure(pools[side], request, headers, index, t0,
-                                   trio.current_time(), plan.timeout)
+        pair[side] = await measure(targets[side], request, index, t0, trio.current_time(),
+                                   plan.timeout)
     assert pair[0] is not None and pair[1] is not None
     samples.append(pair[0])
     compared.append(pair[1])
 
 
 async def measure(
-    pool: ConnectionPool, request: Request, headers: Headers, index: int, t0: float,
-    scheduled: float, limit: float,
+    target: Target, request: Request, index: int, t0: float, scheduled: float, limit: float,
 ) -> Sample:
     """Send one request and time it from `scheduled` (trio clock), within `limit` seconds;
     never raises for the target's faults: they become the sample's `error`."""
     now = trio.current_time()
-    sample = Sample(index=index, start=scheduled - t0, lag=max(0.0, now - scheduled))
-    try:
-        with trio.fail_after(limit):
-            async with pool.request("POST", request.path, headers, request.body) as resp:
-                sample.status = resp.status
-                if resp.status != 200:
-                    await resp.read()
-                    sample.error = f"http {resp.status}"
-                elif request.stream:
-                    await _read_stream(resp, sample, scheduled)
-                else:
-                    body = await resp.read()
+    sample = Sample(index=index, start=scheduled - t0, lag=now - scheduled if now > scheduled
+                    else 0.0)
+    conn: WireConn | None = None
+    # A cancel scope, not fail_after: this runs per request, and the context manager costs.
+    with trio.CancelScope(deadline=now + limit) as scope:
+        try:
+            conn = await target.send(target.payload(request))
+            response = conn.response
+            if request.stream and (response.status == 200 or not response.headers_done):
+                await _read_stream(conn, sample, scheduled)
+            else:
+                parts = await _drain(conn)
+                if response.status != 200:
+                    sample.error = f"http {response.status}"
+                elif not request.stream:
                     sample.ttft = sample.latency = trio.current_time() - scheduled
-                    sample.tokens = _tokens(body, sample)
-    except trio.TooSlowError:
+                    sample.tokens = _tokens(parts[0] if len(parts) == 1 else b"".join(parts),
+                                            sample)
+            sample.status = response.status
+            target.release(conn, trio.current_time())
+            conn = None
+        except WireError as exc:
+            sample.error = exc.kind
+        finally:
+            if conn is not None:  # failed or cancelled mid-answer: never reused
+                conn.close()
+    if scope.cancelled_caught:
         sample.error = "timeout"
-    except ConnectError:
-        sample.error = "connect"
-    except UpstreamClosed:
-        sample.error = "closed"
-    except UpstreamProtocolError:
-        sample.error = "protocol"
-    except LocalResourceError:  # the generator's own limit, not the target's fault
-        sample.error = "generator out of fds"
-    except UpstreamError:
-        sample.error = "client"
     if sample.error is not None:
         sample.ttft = sample.latency = None
     return sample
 
 
-async def _read_stream(resp: Any, sample: Sample, scheduled: float) -> None:
-    """TTFT: the first read holding an SSE event. ITL: the gaps between reads holding events
-    (events that arrive in one read are one gap: that is when the client saw them)."""
-    tail = b""
+async def _drain(conn: WireConn) -> list[bytes]:
+    """The rest of the body, in pieces."""
+    response = conn.response
+    parts = response.take()
+    while not response.complete:
+        await conn.read()
+        parts += response.take()
+    return parts
+
+
+async def _read_stream(conn: WireConn, sample: Sample, scheduled: float) -> None:
+    """TTFT: the first read that ends an SSE event. ITL: the gaps between reads that end
+    events (events that end in one read are one gap: that is when the client saw them)."""
+    response = conn.response
+    counter = EventCounter()
     last = 0.0
-    events = 0
-    while chunk := await resp.receive_some():
-        now = trio.current_time()
-        count = chunk.count(b"data:")
-        if count:
+    while True:
+        ended = 0
+        for piece in response.take():
+            ended += counter.feed(piece)
+        if ended:
+            now = trio.current_time()
             if sample.ttft is None:
                 sample.ttft = now - scheduled
             else:
                 sample.itls.append(now - last)
             last = now
-            events += count
-        tail = (tail + chunk)[-_TAIL:]
+        if response.complete:
+            break
+        await conn.read()
     sample.latency = trio.current_time() - scheduled
-    if b"data: [DONE]" not in tail:
+    if response.status != 200:
+        sample.error = f"http {response.status}"
+    elif not counter.done:
         sample.error = "truncated stream"
-        return
-    for event in reversed(tail.split(b"\n\n")):
-        if event.startswith(b"data: {"):
-            if b'"error"' in event[:20]:
-                sample.error = "error event"
-                return
-            if b'"usage"' in event:
-                sample.tokens = _tokens(event[6:], sample)
-                return
-    sample.tokens = max(0, events - 2)  # no usage: content events, less [DONE] and the stop
+    elif counter.error:
+        sample.error = "error event"
+    elif counter.usage:
+        sample.tokens = _tokens(counter.usage, sample)
+    else:  # no usage: content events, less [DONE] and the stop
+        sample.tokens = max(0, counter.events - 2)
 
 
 def _tokens(body: bytes, sample: Sample) -> int:

@@ -216,6 +216,14 @@ class MockNode:
         self.server = HTTPServer(self._router, ServerLimits())
         await self.server.serve_tcp(host, port, task_status=task_status)
 
+    async def serve_listeners(
+        self, listeners: Sequence[trio.SocketListener], *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on sockets already listening (lb.testing.processes) until cancelled."""
+        self.server = HTTPServer(self._router, ServerLimits())
+        await self.server.serve(listeners, task_status=task_status)
+
     def set_fault(self, spec: str) -> FaultSpec:
         """Change the node-wide fault (raises FaultSpecError) and reseed the fault RNG."""
         parsed = parse_fault(spec)
