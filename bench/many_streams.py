@@ -73,7 +73,7 @@ async def client_main(port: int, count: int, events: int, ramp: float, limit: fl
         outcome = "timeout"
         with trio.move_on_after(limit):
             while True:
-                outcome = await attempt(started)
+                outcome = await attempt()
                 if outcome != "status 503":
                     break
                 # lb is at its connection limit (too_many_connections): as the SDKs do, try
@@ -84,7 +84,9 @@ async def client_main(port: int, count: int, events: int, ramp: float, limit: fl
         if outcome == "ok":
             durations.append(trio.current_time() - started)
 
-    async def attempt(started: float) -> str:
+    async def attempt() -> str:
+        """One try: its connect and first byte are timed from its own start."""
+        started = trio.current_time()
         try:
             stream = await trio.open_tcp_stream(pb.HOST, port)
         except OSError as exc:
@@ -234,6 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         node_queue: list[int] = []
         timeline: list[dict[str, float]] = []
         last_poll = 0.0
+        last_cpu = (t0, cpu_before)
         while any(c.poll() is None for c in clients):
             now = time.monotonic()
             if now - t0 > limit + 30:
@@ -252,11 +255,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     queues = accept_queues([port, *(m.port for m in mocks)])
                     lb_queue.append(queues.get(port, 0))
                     node_queue.append(max(queues.get(m.port, 0) for m in mocks))
+                    cpu_now = (time.monotonic(), pb.cpu_seconds(lb.pid))
+                    lb_cpu_pct = 100 * (cpu_now[1] - last_cpu[1]) / (cpu_now[0] - last_cpu[0])
+                    last_cpu = cpu_now
                     timeline.append({"t": round(now - t0, 1), "open_in_lb": in_lb,
                                      "open_at_nodes": at_nodes, "lb_fds": fds[-1],
                                      "lb_rss_mb": round(rss[-1] / 1024, 1),
                                      "lb_accept_queue": lb_queue[-1],
-                                     "node_accept_queue_max": node_queue[-1]})
+                                     "node_accept_queue_max": node_queue[-1],
+                                     "lb_cpu_pct": round(lb_cpu_pct)})
             time.sleep(0.25)
         elapsed = time.monotonic() - t0
         cpu = pb.cpu_seconds(lb.pid) - cpu_before

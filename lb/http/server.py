@@ -15,11 +15,12 @@ created when it pauses and closed when it goes on; elsewhere a disconnect is see
 pipelined bytes have been consumed.
 
 The accept loop serves at most `max_connections` client connections at once (0: from the soft
-RLIMIT_NOFILE at start: half of it less FD_RESERVE descriptors for lb's own, the other half being
-for connections to nodes). It takes up to ACCEPT_BATCH waiting connections per pass of trio's
-scheduler, not one, so that they do not queue in the kernel while lb is busy. A connection over the
-limit gets a prebuilt 503 (`too_many_connections`, `retry-after: 1`) and is closed, without an
-h11 parser or tasks of its own; `HTTPServer.rejected_connections` counts them. Failing accepts
+RLIMIT_NOFILE at start: half of what is left once FD_RESERVE descriptors are set aside for lb's
+own and for rejected connections, the other half being for connections to nodes). It takes up
+to ACCEPT_BATCH waiting connections per pass of trio's scheduler, not one, so that they do not
+queue in the kernel while lb is busy. A connection over the limit gets a prebuilt 503
+(`too_many_connections`, `retry-after: 1`) and is closed, without an h11 parser or tasks of its
+own; `HTTPServer.rejected_connections` counts them. Failing accepts
 (EMFILE and the like) are logged and retried after 0.1 s.
 """
 
@@ -66,9 +67,10 @@ DRAIN_FINISH_SECS = 1.0
 # fewer than this many do; past it they are closed at once, so a flood cannot use up the fds.
 MAX_LINGERING_REJECTS = 64
 # Descriptors the default connection limit leaves for lb's own (stdio, epoll, listeners, logs,
-# health checks, Redis, a /metrics scrape): so that a client connection at the limit still
-# finds one for its node, and lb never fails an accept with EMFILE.
-FD_RESERVE = 64
+# health checks, Redis, a /metrics scrape: 64) and for the connections it turns away, which hold
+# theirs while they linger: so that a client connection at the limit still finds a descriptor
+# for its node, and accepts do not fail with EMFILE.
+FD_RESERVE = 64 + MAX_LINGERING_REJECTS
 # Connections taken from the kernel's accept queue in one go, without a trip to the scheduler.
 ACCEPT_BATCH = 64
 # A client's x-request-id is echoed on the answer and written to logs: visible ASCII only.
