@@ -20,8 +20,8 @@ own and for rejected connections, the other half being for connections to nodes)
 to ACCEPT_BATCH waiting connections per pass of trio's scheduler, not one, so that they do not
 queue in the kernel while lb is busy. A connection over the limit gets a prebuilt 503
 (`too_many_connections`, `retry-after: 1`) and is closed, without an h11 parser or tasks of its
-own; `HTTPServer.rejected_connections` counts them. Failing accepts
-(EMFILE and the like) are logged and retried after 0.1 s.
+own; `HTTPServer.rejected_connections` counts them. Failing accepts (EMFILE and the like) are
+logged and retried after 0.1 s.
 """
 
 from __future__ import annotations
@@ -385,6 +385,7 @@ class HTTPServer:
         # kernel (their clients waiting). So after each accept, take what else is waiting
         # (up to ACCEPT_BATCH) with plain non-blocking accepts on the same descriptor.
         ready = socket.socket(fileno=listener.socket.fileno())
+        ready.setblocking(False)  # whatever socket.setdefaulttimeout says: never wait here
         try:
             while True:
                 try:
