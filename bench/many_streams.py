@@ -1,23 +1,31 @@
-"""Many concurrent streams through one lb: its memory, and whether every stream completes.
+"""Many concurrent streams through one lb: how many are open at once, its memory, and whether
+every stream completes.
 
 One `lb serve` (one process) sits in front of `--mocks` slow `lb mock` processes (tokens
 `--itl-ms` apart, so every stream stays open for tokens x itl). `--clients` client processes
 (this script with `--client`) open `--streams` streaming chat requests in all, spread evenly
 over the first `--ramp-secs`, each on its own connection, and read each to `data: [DONE]` and
-the end of the chunked body, checking the event count. Meanwhile lb's RSS, its open file
-descriptors and its CPU are sampled every 0.25 s, and the mocks' open streams every second
-(their sum is how many streams were open through lb at once).
+the end of the chunked body, checking the event count; a 503 (lb at its connection limit) is
+tried again after its Retry-After, as the SDKs do, and counted. Meanwhile lb's RSS and open file
+descriptors are sampled every 0.25 s and, every 0.5 s at the same instant, how many streams are
+open: lb's own count (the sum of `lb_node_inflight` in its /metrics, read over one kept-alive
+connection) and the mocks' (the sum of their `/mock/stats` `concurrent`), with the depth of lb's
+and the mocks' accept queues (`ss -lnt`) and lb's CPU share: the `timeline` in the JSON. Each
+client reports how long its streams' connects and first bytes took (from each attempt's start).
+Nothing is asserted: the figures are printed (and written with --json).
 
-    python bench/many_streams.py                       # 10,000 streams, about 5 minutes
+    python bench/many_streams.py                       # 10,000 streams, about 7 minutes
     python bench/many_streams.py --streams 1000 --tokens 5 --itl-ms 500   # a smoke run
     python bench/many_streams.py --json bench/results/x.json
 
-The script raises RLIMIT_NOFILE (soft and hard, to `--fd-limit` when it runs as root; else
-the soft limit to the hard one) before it starts anything: lb needs two descriptors a stream
-(the client's connection and the node's), and serves at most half its limit of client
-connections. Everything runs on 127.0.0.1 on free ports; the subprocesses are stopped (by pid)
-on the way out. Like `proxy_bench.py`, `lb` is this interpreter's; put another tree first on
-PYTHONPATH to measure it.
+The script raises RLIMIT_NOFILE (soft and hard, to `--fd-limit` when allowed, i.e. with
+CAP_SYS_RESOURCE; else the soft limit to the hard one) before it starts anything. lb needs two
+descriptors a stream (the client's connection and the node's) and by default serves
+(soft limit - 128) / 2 client connections (lb.http.server.connection_limit): streams beyond that
+are answered 503 and retried. So N streams open at once need a hard limit of about 2N + 128.
+Everything runs on 127.0.0.1 on free ports; the subprocesses are stopped (by pid) on the way out.
+Like `proxy_bench.py`, `lb` is this interpreter's; put another tree first on PYTHONPATH to
+measure it (`many_streams_ab.py` runs two trees in alternation).
 """
 
 from __future__ import annotations
@@ -329,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--mocks", type=int, default=4, help="mock node processes")
     parser.add_argument("--tokens", type=int, default=25, help="tokens per stream")
-    parser.add_argument("--itl-ms", type=float, default=5000, help="gap between tokens")
-    parser.add_argument("--ramp-secs", type=float, default=60, help="streams start over this")
-    parser.add_argument("--grace-secs", type=float, default=60,
+    parser.add_argument("--itl-ms", type=float, default=10_000, help="gap between tokens")
+    parser.add_argument("--ramp-secs", type=float, default=120, help="streams start over this")
+    parser.add_argument("--grace-secs", type=float, default=120,
                         help="a stream may take this much longer than tokens x itl")
     parser.add_argument("--fd-limit", type=int, default=65536)
     parser.add_argument("--json", type=Path, help="write the result here")
