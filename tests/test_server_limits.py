@@ -34,7 +34,7 @@ from test_http_server import (
     waits_at_wait,
 )
 
-from lb.http.server import MAX_PIPELINED_BYTES, HTTPServer
+from lb.http.server import ACCEPT_BATCH, FD_RESERVE, MAX_PIPELINED_BYTES, HTTPServer
 from lb.http.types import Request, Response
 
 
@@ -206,6 +206,35 @@ async def test_body_within_body_timeout_is_served(autojump_clock: trio.testing.M
             await client.aclose()
 
 
+# --- accepting -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("waiting", [40, ACCEPT_BATCH + 10])
+async def test_connections_waiting_to_be_accepted_are_taken_in_one_pass(waiting: int) -> None:
+    """Connections queued in the kernel are accepted ACCEPT_BATCH at a time, not one per
+    pass of trio's scheduler: a few passes take them all, and each is served."""
+    with trio.fail_after(5):
+        async with serving() as (server, port):
+            await trio.testing.wait_all_tasks_blocked()  # the accept loop waits for one
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(waiting)]
+            try:
+                passes = 0
+                while server.open_connections < waiting and passes < 10:
+                    await trio.lowlevel.checkpoint()  # one pass of the scheduler
+                    passes += 1
+                assert server.open_connections == waiting
+                assert passes <= 2 + waiting // ACCEPT_BATCH
+                for sock in socks:
+                    sock.sendall(get("/queued"))
+                for sock in socks:
+                    client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+                    assert (await client.response()).json()["path"] == "/queued"
+            finally:
+                for sock in socks:
+                    sock.close()
+            await assert_serving(port)
+
+
 # --- the connection limit --------------------------------------------------------------------
 
 
@@ -263,13 +292,19 @@ async def test_rejected_connection_gets_one_task_and_no_parser() -> None:
             await served.aclose()
 
 
-async def test_max_connections_0_is_half_the_open_files_limit() -> None:
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    with trio.fail_after(5):
-        async with serving() as (server, port):
-            assert server.connection_limit == soft // 2
-            await assert_serving(port)
-            assert server.rejected_connections == 0
+@pytest.mark.parametrize("soft", [20000, 1024, 200])
+async def test_max_connections_0_leaves_a_node_descriptor_each_and_a_reserve(soft: int) -> None:
+    """The default limit is the most client connections such that each has a descriptor for
+    its node's connection too, with FD_RESERVE (a quarter of a small limit) left for lb's own."""
+    reserve = min(FD_RESERVE, soft // 4)
+    with open_files_limit(min(soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1])):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        with trio.fail_after(5):
+            async with serving() as (server, port):
+                limit = server.connection_limit
+                assert 2 * limit + reserve <= soft < 2 * (limit + 1) + reserve
+                await assert_serving(port)
+                assert server.rejected_connections == 0
 
 
 @contextmanager

@@ -14,11 +14,14 @@ private epoll that reports only a hang-up (EPOLLRDHUP, EPOLLHUP, EPOLLERR) of th
 created when it pauses and closed when it goes on; elsewhere a disconnect is seen once the
 pipelined bytes have been consumed.
 
-The accept loop serves at most `max_connections` client connections at once (0: half the soft
-RLIMIT_NOFILE at start; the other half is left for connections to nodes). A connection over the
-limit gets a prebuilt 503 (`too_many_connections`, `retry-after: 1`) and is closed, without an
-h11 parser or tasks of its own; `HTTPServer.rejected_connections` counts them. Failing accepts
-(EMFILE and the like) are logged and retried after 0.1 s.
+The accept loop serves at most `max_connections` client connections at once (0: from the soft
+RLIMIT_NOFILE at start: half of what is left once FD_RESERVE descriptors are set aside for lb's
+own and for rejected connections, the other half being for connections to nodes). It takes up
+to ACCEPT_BATCH waiting connections per pass of trio's scheduler, not one, so that they do not
+queue in the kernel while lb is busy. A connection over the limit gets a prebuilt 503
+(`too_many_connections`, `retry-after: 1`) and is closed, without an h11 parser or tasks of its
+own; `HTTPServer.rejected_connections` counts them. Failing accepts (EMFILE and the like) are
+logged and retried after 0.1 s.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import re
 import resource
 import select
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -63,6 +67,13 @@ DRAIN_FINISH_SECS = 1.0
 # Connections turned away over max_connections linger (to deliver their 503 intact) only while
 # fewer than this many do; past it they are closed at once, so a flood cannot use up the fds.
 MAX_LINGERING_REJECTS = 64
+# Descriptors the default connection limit leaves for lb's own (stdio, epoll, listeners, logs,
+# health checks, Redis, a /metrics scrape: 64) and for the connections it turns away, which hold
+# theirs while they linger: so that a client connection at the limit still finds a descriptor
+# for its node, and accepts do not fail with EMFILE.
+FD_RESERVE = 64 + MAX_LINGERING_REJECTS
+# Connections taken from the kernel's accept queue in one go, without a trip to the scheduler.
+ACCEPT_BATCH = 64
 # A client's x-request-id is echoed on the answer and written to logs: visible ASCII only.
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
@@ -370,20 +381,41 @@ class HTTPServer:
             self._connections_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                # Out of file descriptors and the like: wait and keep serving the others.
-                log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            if 0 < self.connection_limit <= self.open_connections:
-                self.rejected_connections += 1
-                nursery.start_soon(self._reject, stream)
-                continue
-            self.open_connections += 1  # counted here, so that the next accept sees it
-            nursery.start_soon(self._serve_connection, stream)
+        # trio's accept takes one connection per pass of its scheduler: with thousands of
+        # connections to run, that can be slower than they arrive, and they queue in the
+        # kernel (their clients waiting). So after each accept, take what else is waiting
+        # (up to ACCEPT_BATCH) with plain non-blocking accepts on the same descriptor.
+        ready = socket.socket(fileno=listener.socket.fileno())
+        ready.setblocking(False)  # whatever socket.setdefaulttimeout says: never wait here
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of file descriptors and the like: wait and keep serving the others.
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                self._start(stream, nursery)
+                for _ in range(ACCEPT_BATCH - 1):
+                    try:
+                        sock, _addr = ready.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        break
+                    except OSError:
+                        break  # EMFILE and the like: the awaited accept above reports it
+                    self._start(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), nursery)
+        finally:
+            ready.detach()  # the descriptor is the listener's: never closed through this one
+
+    def _start(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        """Serve an accepted connection, or turn it away over the limit."""
+        if 0 < self.connection_limit <= self.open_connections:
+            self.rejected_connections += 1
+            nursery.start_soon(self._reject, stream)
+            return
+        self.open_connections += 1  # counted here, so that the next accept sees it
+        nursery.start_soon(self._serve_connection, stream)
 
     async def _reject(self, stream: trio.SocketStream) -> None:
         """Answer the prebuilt 503 on a connection over the limit, and close it (after a
@@ -836,8 +868,9 @@ def _check_head(
 
 
 def connection_limit(max_connections: int) -> int:
-    """Client connections to serve at once: `max_connections`, or when that is 0 half the soft
-    RLIMIT_NOFILE (the other half is for connections to nodes); 0 means no limit."""
+    """Client connections to serve at once: `max_connections`, or when that is 0 what the soft
+    RLIMIT_NOFILE leaves for them once FD_RESERVE descriptors are set aside: half the rest
+    (the other half is for their connections to nodes); 0 means no limit."""
     if max_connections > 0:
         return max_connections
     try:
@@ -846,7 +879,7 @@ def connection_limit(max_connections: int) -> int:
         return 0
     if soft == resource.RLIM_INFINITY or soft <= 0:
         return 0
-    return max(1, soft // 2)
+    return max(1, (soft - min(FD_RESERVE, soft // 4)) // 2)
 
 
 def _too_many_connections(limit: int) -> bytes:
