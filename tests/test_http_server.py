@@ -374,6 +374,14 @@ async def test_a_streamed_body_is_framed_as_the_head_says(
                     break
             await stream.aclose()
     head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 200 ok"
+    names = [line.partition(b":")[0] for line in lines[1:]]
+    # Every header once: lb's, the handler's, and the framing h11 chose.
+    assert len(names) == len(set(names))
+    assert {b"content-type", b"date", b"x-request-id"} <= set(names)
+    assert (b"connection" in names) == (version == b"1.0")  # HTTP/1.0: closed after it
+    assert (b"content-length" in names) == content_length
     if version == b"1.0" or content_length:
         assert b"transfer-encoding" not in head.lower() and body == b"".join(parts)
     else:

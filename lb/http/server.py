@@ -732,7 +732,26 @@ class _Sink:
         await self._conn.write(out)
 
     def _commit(self) -> bytes:
-        head: bytes = self._conn.h11.send(self._response())
+        """The head's bytes; h11 learns of it (its state, keep-alive and body framing)."""
+        headers, status, reason = self._head(), self._status, _reason(self._status)
+        parser = self._conn.h11
+        if not sendable(headers):  # h11 checks each header, and says what is wrong
+            head: bytes = parser.send(h11.Response(
+                status_code=status, headers=headers, reason=reason))
+        else:
+            # h11 sees only the headers that frame the body or end the connection, since for
+            # a body of unknown length it rebuilds and re-validates the whole list (twice);
+            # lb writes the rest, checked, between h11's status line and h11's own headers.
+            framing, lines = [], []
+            for item in headers:
+                if item[0].lower() in _FRAMING:
+                    framing.append(item)
+                else:
+                    lines.append(b"%s: %s\r\n" % item)
+            head = parser.send(h11.Response(
+                status_code=status, headers=framing, reason=reason, _parsed=True))
+            line, _, rest = head.partition(b"\r\n")
+            head = b"%s\r\n%s%s" % (line, b"".join(lines), rest)
         self.committed = True
         # h11 adds this header itself when it chose chunks for a body of unknown length (an
         # HTTP/1.1 client, no Content-Length); lb's own heads never carry Transfer-Encoding.
@@ -767,7 +786,7 @@ class _Sink:
         if out:
             await self._conn.write(out)
 
-    def _response(self) -> h11.Response:
+    def _head(self) -> Headers:
         """The recorded head without the headers lb sets itself, then lb's (and a Date, if the
         answer has none); while draining, the connection closes after this answer."""
         tags = self._tags
@@ -782,10 +801,7 @@ class _Sink:
             headers.append((b"date", _http_date()))
         if self._server.draining:
             headers.append((b"connection", b"close"))
-        return h11.Response(
-            status_code=self._status, headers=headers, reason=_reason(self._status),
-            _parsed=sendable(headers),  # else h11 checks each, and says what is wrong
-        )
+        return headers
 
 
 def _reason(status: int) -> bytes:
@@ -796,6 +812,8 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+# What h11 must see of a head to frame its body and to know whether the connection ends.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 _date_cache: tuple[int, bytes] = (0, b"")
 
