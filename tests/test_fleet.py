@@ -187,9 +187,12 @@ async def test_admin_change_reaches_every_instance(
                     "preferred_models"
                 ] != ["gemma3-270m"]:
                     await trio.sleep(0.02)
-            answer = await client.post(
-                f"{lb2.url}/v1/chat/completions", json={"model": "auto", **CHAT}
-            )
+                # The new cap holds nothing on lb2 until Redis grants it a part (its next
+                # sync, at once); meanwhile a request without a queue wait is refused.
+                while (answer := await client.post(
+                    f"{lb2.url}/v1/chat/completions", json={"model": "auto", **CHAT}
+                )).status_code == 429:
+                    await trio.sleep(0.02)
             assert answer.status_code == 200, answer.text
             assert answer.json()["model"] == "gemma3-270m"
             nodes = (await client.get(f"{lb2.url}/v1/nodes", headers=auth)).json()["nodes"]
