@@ -243,8 +243,13 @@ async def test_maxconn_holds_across_the_fleet(
         assert failures == []
         assert stats["by_path"]["/v1/chat/completions"] == 60
         assert stats["max_concurrent"] <= 4, stats
-        local = [(await get(lb, "/v1/nodes"))["nodes"][0]["local_maxconn"] for lb in (lb1, lb2)]
-        assert sorted(local) == [2, 2]
+        # Idle again, each instance holds its even share once the syncs after the load have
+        # given back what was borrowed (a few syncs).
+        with trio.fail_after(20 * SYNC):
+            while sorted(
+                [(await get(lb, "/v1/nodes"))["nodes"][0]["local_maxconn"] for lb in (lb1, lb2)]
+            ) != [2, 2]:
+                await trio.sleep(SYNC / 2)
 
 
 async def test_breaker_opening_is_shared(
