@@ -5,7 +5,7 @@
    request and answer translations;
 2. lb's CPU per request (utime+stime from /proc, as in proxy_bench.py) for the same chat through
    `/v1/chat/completions` (the passthrough) and `/v1/messages` (translated), non-stream and
-   stream, with hey at concurrency 16 against one `lb serve` in front of one `lb mock
+   stream, with `lb bench` at concurrency 16 against one `lb serve` in front of one `lb mock
    --tokens 8`; the two paths alternate run by run, so a shared machine's noise falls on both.
 
     python bench/anthropic_cpu.py --reps 5 --requests 5000
@@ -86,17 +86,24 @@ def translators(streams: int) -> dict[str, float]:
     }
 
 
-def hey(port: int, path: str, stream: bool, requests: int, pid: int) -> dict[str, Any]:
-    argv = ["hey", "-n", str(requests), "-c", "16", "-m", "POST", "-T", "application/json",
-            "-d", body(path, stream), "-t", "20", f"http://{pb.HOST}:{port}{PATHS[path]}"]
-    before = pb.cpu_seconds(pid)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60 + requests / 50,
-                          check=False)
-    cpu = pb.cpu_seconds(pid) - before
-    ok = 0
-    for line in done.stdout.splitlines():  # hey's summary: "  [200]\t5000 responses"
-        if line.strip().startswith("[200]"):
-            ok = int(line.split()[1])
+def load(port: int, path: str, stream: bool, requests: int, pid: int) -> dict[str, Any]:
+    """`lb bench -c 16 -n requests` with the one request of `path` (a JSONL workload line with
+    its own path); lb's CPU per request over the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workload = Path(tmp) / "workload.jsonl"
+        workload.write_text(json.dumps(
+            {"path": PATHS[path], "body": json.loads(body(path, stream))}) + "\n")
+        before = pb.cpu_seconds(pid)
+        done = subprocess.run(
+            [*pb.LB_BENCH, f"http://{pb.HOST}:{port}", "--workload", str(workload),
+             "--timeout", "20", "-c", "16", "-n", str(requests), "--json", "-"],
+            capture_output=True, text=True, timeout=60 + requests / 50, check=False,
+            cwd=pb.REPO,
+        )
+        cpu = pb.cpu_seconds(pid) - before
+    if done.returncode != 0:
+        raise RuntimeError(f"lb bench failed ({done.returncode}): {done.stderr[-500:]}")
+    ok = int(json.loads(done.stdout)["ok"])
     return {"ok": ok, "cpu_ms_per_request": cpu * 1000 / ok if ok else float("nan")}
 
 
@@ -120,12 +127,12 @@ def main() -> int:
             lb = cluster.lb(mock)
             for path in PATHS:
                 for stream in (False, True):
-                    hey(lb.port, path, stream, 1000, lb.pid)  # warm-up
+                    load(lb.port, path, stream, 1000, lb.pid)  # warm-up
             for rep in range(args.reps):
                 order = list(PATHS) if rep % 2 == 0 else list(PATHS)[::-1]
                 for stream in (False, True):
                     for path in order:
-                        run = hey(lb.port, path, stream, args.requests, lb.pid)
+                        run = load(lb.port, path, stream, args.requests, lb.pid)
                         run.update(rep=rep, path=path, stream=stream)
                         results["runs"].append(run)
                         pb.log(f"rep {rep} {path} stream={stream}: "

@@ -35,8 +35,20 @@ _DATA = st.one_of(
     st.just(b'{"error":{"message":"boom"},"usage":null}'),
     st.just(b't "usage": not JSON'),
     st.builds(lambda t: orjson.dumps({"choices": [{"delta": {"content": t.hex()}}]}), _TEXT),
+    # Anthropic's Messages stream: its end, its error, and a text that only names them.
+    st.just(b'{"type":"message_stop"}'),
+    st.just(b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'),
+    st.just(b'{"type":"content_block_delta","delta":{"text":"message_stop \\"error\\""}}'),
     _TEXT,
 )
+
+
+def _anthropic_type(data: bytes) -> object:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return event.get("type") if isinstance(event, dict) else None
 # Lines other than data: comments, other fields; an event made of them only is no event.
 _OTHER = st.one_of(st.builds(lambda t: b":" + t, _TEXT), st.builds(lambda t: b"event: " + t,
                                                                       _TEXT),
@@ -103,9 +115,11 @@ def test_sse_events_are_counted_as_they_end_however_the_reads_cut_them(
         assert ended == sum(1 for at, _ in events if start < at <= end)
     assert counter.events == len(events)
     datas = [d for _, d in events]
-    assert counter.done == (b"[DONE]" in datas)
-    # An error event: JSON data that starts {"error"; else JSON data mentioning usage.
-    errors = [d for d in datas if d.startswith(b'{"error"')]
+    assert counter.done == (b"[DONE]" in datas or any(
+        _anthropic_type(d) == "message_stop" for d in datas))
+    # An error event: JSON data that starts {"error" (OpenAI) or of type "error" (Anthropic);
+    # else JSON data mentioning usage.
+    errors = [d for d in datas if d.startswith(b'{"error"') or _anthropic_type(d) == "error"]
     assert counter.error == bool(errors)
     usage = [d for d in datas if d[:1] == b"{" and d not in errors and b'"usage"' in d]
     assert counter.usage == (usage[-1] if usage else b"")

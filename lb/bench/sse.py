@@ -5,13 +5,15 @@ must see an event end where the event stream format says it ends (a blank line, 
 or CR line endings), even when a read stops inside a `data:` field or between the two bytes
 of a CRLF. lb's own `EventSplitter` (which the proxy forwards whole events with) finds the
 boundaries; this counts the events in what it returns. Only what the statistics need is kept:
-the count, whether `data: [DONE]` came, the data of the last JSON event that mentions usage,
-and whether an error event came.
+the count, whether the stream's end came (`data: [DONE]`, or an Anthropic `message_stop`), the
+data of the last JSON event that mentions usage, and whether an error event came.
 """
 
 from __future__ import annotations
 
 import sys
+
+import orjson
 
 from lb.http.sse import EventSplitter
 
@@ -25,7 +27,7 @@ class EventCounter:
 
     def __init__(self) -> None:
         self.events = 0
-        self.done = False  # a `data: [DONE]` event came
+        self.done = False  # the end came: `data: [DONE]`, or Anthropic's `message_stop`
         self.usage = b""  # the data of the last JSON event that mentions "usage"
         self.error = False  # an event whose data is a JSON error (it begins {"error")
         # Never pass part of an event through: an event cut in two would count twice.
@@ -43,7 +45,8 @@ class EventCounter:
         marked = b"\n\n" + whole
         count = whole.count(b"\n\n")
         if (whole.count(b"\n") == 2 * count and marked.count(b"\n\ndata: ") == count
-                and whole.endswith(b"\n\n")):
+                and whole.endswith(b"\n\n") and b'"message_stop"' not in whole
+                and not (b'"type"' in whole and b'"error"' in whole)):  # Anthropic's: below
             # The usual stream: every event one `data: ` line. Searched in C, not per event.
             if marked.find(b'\n\ndata: {"error"') >= 0:
                 self.error = True
@@ -65,6 +68,8 @@ class EventCounter:
                     self.error = True
                 elif b'"usage"' in data:
                     self.usage = data
+                if b'"message_stop"' in data and _anthropic_type(data) == "message_stop":
+                    self.done = True  # the end of an Anthropic Messages stream (no [DONE])
             elif data == b"[DONE]":
                 self.done = True
         self.events += ended
@@ -85,7 +90,18 @@ class EventCounter:
 
 
 def _error(data: bytes) -> bool:
-    return data[:8] == b'{"error"'
+    """An OpenAI error event (`{"error": ...}`) or an Anthropic one (`{"type": "error"}`)."""
+    return data[:8] == b'{"error"' or (
+        b'"error"' in data and _anthropic_type(data) == "error"
+    )
+
+
+def _anthropic_type(data: bytes) -> object:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return event.get("type") if isinstance(event, dict) else None
 
 
 def _data(block: bytes) -> bytes | None:
