@@ -29,7 +29,7 @@ class EventCounter:
         self.events = 0
         self.done = False  # the end came: `data: [DONE]`, or Anthropic's `message_stop`
         self.usage = b""  # the data of the last JSON event that mentions "usage"
-        self.error = False  # an event whose data is a JSON error (it begins {"error")
+        self.error = False  # an event whose data is a JSON error ({"error" or Anthropic's)
         # Never pass part of an event through: an event cut in two would count twice.
         self._splitter = EventSplitter(max_partial=sys.maxsize)
 
@@ -74,7 +74,6 @@ class EventCounter:
                 self.done = True
         self.events += ended
         return ended
-
 
     def _last_usage(self, marked: bytes) -> None:
         """The last JSON event mentioning usage in `marked` (b"\n\n" and events of one
