@@ -86,7 +86,7 @@ BOUNDED_WAIT = 60.0  # the longest any "wait until ..." may take
 @dataclass(frozen=True)
 class Plan:
     cpu_reps: int  # A B pairs of CPU-per-request runs, per mode
-    requests: int  # per hey run
+    requests: int  # per lb bench run
     warmup: int  # requests per mode and lb before the first measurement
     death_reps: int  # node deaths with SCAN_INTERVAL=1
     death_default_reps: int  # node deaths with the default SCAN_INTERVAL (0: skipped)
