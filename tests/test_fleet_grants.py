@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 import trio
-from harness import CHAT, start_mock
+from harness import CHAT, RedisServer, start_mock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fleet import MODEL, RedisServer, fleet_pair
+from test_fleet import MODEL, fleet_pair
 
 from lb.cluster.fleet import share
 from lb.cluster.redis_store import RedisStore
@@ -25,12 +25,8 @@ IDS = ("a", "b", "c")
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    redis_server = RedisServer()
-    redis_server.start()
-    try:
+    with RedisServer() as redis_server:
         yield redis_server
-    finally:
-        redis_server.stop()
 
 
 class Instance:

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import trio
-from harness import CHAT, Running, start_mock
-from test_fleet import SCAN, SYNC, RedisServer, fleet_pair, prefix, redis_server  # noqa: F401
+from harness import CHAT, RedisServer, Running, start_mock
+from test_fleet import SCAN, SYNC, fleet_pair, prefix
 from test_policy import keyed_lb
 
 MASTER = "sk-fleet-master"
@@ -43,7 +43,7 @@ async def statuses(lbs: list[Running], key: str, count: int) -> Counter[int]:
 
 
 async def test_two_instances_admit_exactly_the_limit(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,))
@@ -59,7 +59,7 @@ async def test_two_instances_admit_exactly_the_limit(
 
 
 async def test_spend_tokens_and_revocation_are_shared(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,), tokens=30)
@@ -98,7 +98,7 @@ async def test_spend_tokens_and_revocation_are_shared(
 
 
 async def test_redis_killed_mid_run_falls_back_to_a_share_per_instance(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,))
@@ -129,7 +129,7 @@ async def test_redis_killed_mid_run_falls_back_to_a_share_per_instance(
 
 
 async def test_a_budget_spent_on_one_instance_is_refused_by_the_other(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,), tokens=10)

@@ -16,10 +16,10 @@ import pytest
 import redis
 import trio
 import trio.testing
-from harness import CHAT, Running, start_mock
+from harness import CHAT, RedisServer, Running, start_mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fleet import RedisServer, fleet_pair, redis_server  # noqa: F401
+from test_fleet import fleet_pair
 from test_policy_fleet import generate
 
 from lb.policy.counters import Figures, KeyCounters, Limits, Ticket
@@ -100,7 +100,7 @@ def log_every_command(server: RedisServer) -> None:
 
 
 async def test_a_models_limit_is_exact_fleet_wide_without_keys(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,))
@@ -123,7 +123,7 @@ async def test_a_models_limit_is_exact_fleet_wide_without_keys(
 
 
 async def test_a_scopes_tokens_settle_with_the_real_usage_fleet_wide(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,), tokens=30)
@@ -143,7 +143,7 @@ async def test_a_scopes_tokens_settle_with_the_real_usage_fleet_wide(
 
 
 async def test_a_refusal_by_the_scope_or_the_key_takes_nothing_from_the_other(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL, "other", "third"))
@@ -184,7 +184,7 @@ async def test_a_refusal_by_the_scope_or_the_key_takes_nothing_from_the_other(
 
 
 async def test_redis_killed_the_scopes_fall_back_to_a_share_per_instance(
-    nursery: trio.Nursery, redis_server: RedisServer  # noqa: F811
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(40):
         node = await start_mock(nursery, models=(MODEL,))
@@ -227,12 +227,8 @@ operations = st.lists(
 
 @pytest.fixture(scope="module")
 def shared_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @settings(max_examples=60, deadline=None)

@@ -4,14 +4,13 @@ endpoint; the ranking explained by /v1/debug/eligible and /api/routing/stats."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from harness import CHAT, Running, _start, sdk, start_mock
-from test_fleet import RedisServer, fleet_pair
+from harness import CHAT, RedisServer, Running, _start, sdk, start_mock
+from test_fleet import fleet_pair
 
 from lb.app import serve
 from lb.config import NodeConfig, Settings
@@ -256,22 +255,12 @@ async def test_routing_stats_show_each_nodes_score_parts(nursery: trio.Nursery) 
         assert stats["nodes"][mocks[4].key]["score"]["group"] is None
 
 
-@pytest.fixture
-def fleet_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_a_split_change_reaches_every_instance_of_a_fleet(
-    nursery: trio.Nursery, fleet_redis: RedisServer
+    nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(20):
         a = await start_mock(nursery, models=(MODEL,))
-        lb1, lb2 = await fleet_pair(nursery, [a], fleet_redis, admin_key="s3cret")
+        lb1, lb2 = await fleet_pair(nursery, [a], redis_server, admin_key="s3cret")
         async with httpx.AsyncClient(headers=AUTH) as client:
             changed = await client.put(f"{lb1.url}/v1/admin/traffic-split",
                                        json={"weights": {"blue": 90, "green": 10}})

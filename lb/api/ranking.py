@@ -15,19 +15,10 @@ import trio
 
 from lb.cluster.node import Node
 from lb.routing import prefix, strategies
-from lb.routing.dispatch import Dispatcher
+from lb.routing.dispatch import Dispatcher, node_prices
 from lb.routing.eligibility import blocked
 from lb.routing.explain import BASIS, explain, parts
 from lb.routing.resolve import ModelKind
-
-
-def _prices(nodes: Sequence[Node]) -> dict[str, float]:
-    prices = {}
-    for node in nodes:
-        price = strategies.price_of(node.config.labels)
-        if price is not None:
-            prices[node.key] = price
-    return prices
 
 
 def ranking(
@@ -53,7 +44,7 @@ def ranking(
     counter, rng = dispatcher.draw()
     ranked = explain(
         strategy, open_nodes, counter=counter, rng=rng, session=session, latency=latency,
-        prices=_prices(open_nodes), prefix=hint, split=split, matched=matched,
+        prices=node_prices(open_nodes), prefix=hint, split=split, matched=matched,
     )
     return {
         "strategy": strategy.value,
@@ -71,7 +62,7 @@ def score_parts(dispatcher: Dispatcher, nodes: Sequence[Node]) -> dict[str, dict
     """Each node's score parts now (load, latency, price, weight, group, prefix blocks owned),
     measured among ``nodes``: for `/api/routing/stats`."""
     latency = dispatcher.latency.figures((node.key for node in nodes), start=False)
-    prices = _prices(nodes)
+    prices = node_prices(nodes)
     label = dispatcher.settings.traffic_split_label
     owned = dispatcher.prefixes.counts() if len(dispatcher.prefixes) else {}
     result = {}

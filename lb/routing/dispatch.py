@@ -191,7 +191,7 @@ class Dispatcher:
             if strategy in strategies.NEEDS_LATENCY:
                 latency = self.latency.figures(node.key for node in open_nodes)
             elif strategy is strategies.Strategy.COST_OPTIMIZED:
-                prices = _prices(open_nodes)
+                prices = node_prices(open_nodes)
             elif strategy is strategies.Strategy.PREFIX_AWARE:
                 chain = prefix.blocks(intent.body, intent.kind, self.settings.prefix_aware_blocks)
                 hint = self._prefix_hint(chain, open_nodes)
@@ -1091,7 +1091,7 @@ def _fits(node: Node, estimate: int) -> bool:
     return limit is None or estimate <= limit
 
 
-def _prices(nodes: Sequence[Node]) -> dict[str, float]:
+def node_prices(nodes: Sequence[Node]) -> dict[str, float]:
     """Price per token of the nodes that have one (labels `price`, or `price_in`+`price_out`)."""
     prices = {}
     for node in nodes:
